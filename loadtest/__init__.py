@@ -1,0 +1,1 @@
+"""Load generator and benchmarks that measure what the gateway costs and delivers."""

@@ -1,0 +1,1 @@
+"""Request → domain → adapter routing (classifiers, policy, experiments)."""

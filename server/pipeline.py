@@ -1,0 +1,161 @@
+"""The request path: read → authenticate → select adapter → forward → record.
+
+Routes stay thin; everything a generation request goes through lives here so the order of the
+steps (and which error wins) is in one place.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import orjson
+from pydantic import BaseModel, ValidationError
+from starlette.requests import Request
+from starlette.responses import Response
+
+from server.auth import Tenant
+from server.errors import (
+    BadRequest,
+    EngineUnavailable,
+    InvalidJSON,
+    LoraplexError,
+    ModelNotFound,
+    PayloadTooLarge,
+    UpstreamError,
+)
+from server.protocol import ChatCompletionRequest, CompletionRequest
+from server.relay import RequestRecord, SSEResponse, relay_events
+from server.state import GatewayState
+from server.upstream import UpstreamResponse, engine_message
+
+ADAPTER_HEADER = "x-loraplex-adapter"
+DEFAULT_MODEL_NAMES = frozenset({"", "default"})
+
+ENDPOINTS: dict[str, tuple[str, type[ChatCompletionRequest] | type[CompletionRequest]]] = {
+    "chat": ("/v1/chat/completions", ChatCompletionRequest),
+    "completions": ("/v1/completions", CompletionRequest),
+}
+
+
+async def read_body(request: Request, limit: int) -> bytes:
+    """Read the body, refusing (413) before reading it whole when it is over `limit`."""
+    declared = request.headers.get("content-length")
+    if declared is not None:
+        try:
+            if int(declared) > limit:
+                raise PayloadTooLarge(f"Request body exceeds {limit} bytes.")
+        except ValueError:
+            raise BadRequest("Invalid Content-Length header.") from None
+    chunks: list[bytes] = []
+    size = 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise PayloadTooLarge(f"Request body exceeds {limit} bytes.")
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def parse_request(raw: bytes, schema: type[BaseModel]) -> tuple[dict[str, Any], Any]:
+    """JSON-decode and check the fields the gateway relies on; keep the dict for forwarding."""
+    try:
+        body = orjson.loads(raw)
+    except orjson.JSONDecodeError:
+        raise InvalidJSON("Request body is not valid JSON (or not UTF-8).") from None
+    if not isinstance(body, dict):
+        raise BadRequest("Request body must be a JSON object.")
+    try:
+        parsed = schema.model_validate(body)
+    except ValidationError as exc:
+        first = exc.errors(include_url=False, include_input=False)[0]
+        param = ".".join(str(p) for p in first["loc"]) or None
+        raise BadRequest(f"Invalid request: {param}: {first['msg']}", param=param) from None
+    return body, parsed
+
+
+def select_adapter(
+    state: GatewayState, tenant: Tenant, header: str | None, model: str | None
+) -> str:
+    """Header, else `model`, else the tenant default; unknown and forbidden look the same."""
+    requested = header.strip() if header is not None and header.strip() else model
+    if requested is None or requested in DEFAULT_MODEL_NAMES:
+        if tenant.default is None:
+            raise ModelNotFound("No model was requested and this key has no default model.")
+        requested = tenant.default
+    if not tenant.may_use(requested) or not state.catalog.is_routable(requested):
+        shown = requested[:64].encode("ascii", "replace").decode()
+        raise ModelNotFound(
+            f"The model '{shown}' does not exist or you do not have access to it.",
+            param="model",
+        )
+    return requested
+
+
+def upstream_failure(state: GatewayState, adapter: str, status: int, body: bytes) -> LoraplexError:
+    """Map an engine error status without leaking engine internals (e.g. its served names)."""
+    if status == 404:
+        return ModelNotFound(f"The model '{adapter}' is not available right now.", param="model")
+    if status in (400, 422):
+        return BadRequest(engine_message(body))
+    if status == 503:
+        return EngineUnavailable(
+            "The inference engine is overloaded or starting.",
+            retry_after_s=state.settings.engine.retry_after_s,
+        )
+    return UpstreamError(f"The inference engine failed ({status}).")
+
+
+async def generate(
+    state: GatewayState, request: Request, tenant: Tenant, kind: str, record: RequestRecord
+) -> Response:
+    """Serve one completion or chat completion request for an authenticated tenant."""
+    path, schema = ENDPOINTS[kind]
+    raw = await read_body(request, state.settings.max_body_bytes)
+    body, parsed = parse_request(raw, schema)
+    adapter = select_adapter(state, tenant, request.headers.get(ADAPTER_HEADER), parsed.model)
+    record.adapter = adapter
+    record.stream = bool(parsed.stream)
+    body["model"] = adapter
+    headers = {"X-Loraplex-Adapter": adapter}
+
+    if not parsed.stream:
+        resp = await state.engine.post(path, orjson.dumps(body))
+        if resp.status != 200:
+            raise upstream_failure(state, adapter, resp.status, resp.body)
+        _record_usage(record, resp)
+        return Response(resp.body, media_type="application/json", headers=headers)
+
+    # Ask for usage so token metrics work; hide that chunk if the client did not ask for it.
+    client_wants_usage = bool(parsed.stream_options and parsed.stream_options.include_usage)
+    if not client_wants_usage:
+        options = dict(body.get("stream_options") or {})
+        options["include_usage"] = True
+        body["stream_options"] = options
+    stream = await state.engine.open_stream(path, orjson.dumps(body))
+    if stream.status != 200:
+        try:
+            err_body = await stream.read_body()
+        finally:
+            await stream.aclose()
+        raise upstream_failure(state, adapter, stream.status, err_body)
+
+    async def on_close() -> None:
+        await stream.aclose()
+        if not record.completed and record.error_code is None:
+            record.status, record.error_code = 499, "client_disconnected"
+        record.finish()
+
+    return SSEResponse(
+        relay_events(stream, record, drop_usage_chunk=not client_wants_usage),
+        headers=headers,
+        on_close=on_close,
+    )
+
+
+def _record_usage(record: RequestRecord, resp: UpstreamResponse) -> None:
+    try:
+        parsed = orjson.loads(resp.body)
+    except orjson.JSONDecodeError:
+        return
+    if isinstance(parsed, dict):
+        record.on_usage(parsed.get("usage"))

@@ -1,0 +1,1 @@
+"""HTTP routes: OpenAI surface, admin API, health and metrics."""

@@ -1,0 +1,36 @@
+"""Liveness, readiness and Prometheus exposition."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter
+from prometheus_client import CONTENT_TYPE_LATEST
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+
+from server.errors import EngineUnavailable
+from server.state import get_state
+
+router = APIRouter(tags=["health"])
+
+
+@router.get("/healthz")
+async def healthz() -> dict[str, str]:
+    """The process is alive (says nothing about the engine)."""
+    return {"status": "ok"}
+
+
+@router.get("/readyz")
+async def readyz(request: Request) -> Response:
+    """Ready when the engine answers and the desired adapters are registered on it."""
+    state = get_state(request)
+    if not state.ready:
+        what = "adapters not registered yet" if state.engine_status.up else "engine not reachable"
+        raise EngineUnavailable(
+            f"Not ready: {what}.", retry_after_s=state.settings.engine.retry_after_s
+        )
+    return JSONResponse({"status": "ready"})
+
+
+@router.get("/metrics")
+async def metrics(request: Request) -> Response:
+    return Response(get_state(request).metrics.render(), media_type=CONTENT_TYPE_LATEST)

@@ -1,0 +1,78 @@
+"""OpenAI-compatible routes. Bodies are read raw (not by FastAPI) so limits and errors are ours."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from fastapi import APIRouter
+from starlette.requests import Request
+from starlette.responses import Response
+
+from server.errors import LoraplexError
+from server.pipeline import generate
+from server.protocol import ChatCompletionRequest, CompletionRequest, ModelCard, ModelList
+from server.relay import RequestRecord
+from server.state import get_state
+
+router = APIRouter(tags=["openai"])
+
+_ERRORS: dict[int | str, dict[str, Any]] = {
+    code: {"description": desc}
+    for code, desc in [
+        (400, "Malformed JSON or invalid fields"),
+        (401, "Missing or unknown API key"),
+        (404, "Unknown model or not entitled"),
+        (413, "Body too large"),
+        (502, "Engine error"),
+        (503, "Engine unavailable (Retry-After)"),
+        (504, "Engine timeout"),
+    ]
+}
+
+
+def _body_schema(model: type[ChatCompletionRequest] | type[CompletionRequest]) -> dict[str, Any]:
+    return {
+        "requestBody": {
+            "required": True,
+            "content": {"application/json": {"schema": model.model_json_schema()}},
+        }
+    }
+
+
+async def _serve(request: Request, kind: str) -> Response:
+    state = get_state(request)
+    record = RequestRecord(state.metrics, request.state.request_id, "anonymous", kind, stream=False)
+    try:
+        tenant = state.tenants.authenticate(request.headers.get("authorization"))
+        record.admit(tenant.name)
+        response = await generate(state, request, tenant, kind, record)
+    except LoraplexError as exc:
+        record.fail(exc)
+        record.finish()
+        raise
+    if not record.stream:
+        record.finish()  # streams finish when the relay closes
+    return response
+
+
+@router.post(
+    "/v1/chat/completions", responses=_ERRORS, openapi_extra=_body_schema(ChatCompletionRequest)
+)
+async def chat_completions(request: Request) -> Response:
+    return await _serve(request, "chat")
+
+
+@router.post("/v1/completions", responses=_ERRORS, openapi_extra=_body_schema(CompletionRequest))
+async def completions(request: Request) -> Response:
+    return await _serve(request, "completions")
+
+
+@router.get("/v1/models", response_model=ModelList, responses=_ERRORS)
+async def list_models(request: Request) -> ModelList:
+    """Only the models this tenant may use that are servable right now."""
+    state = get_state(request)
+    tenant = state.tenants.authenticate(request.headers.get("authorization"))
+    now = int(time.time())
+    names = sorted(a for a in tenant.adapters if state.catalog.is_routable(a))
+    return ModelList(data=[ModelCard(id=n, created=now) for n in names])

@@ -1,0 +1,77 @@
+"""Gateway configuration: one pydantic-settings tree, read from `LORAPLEX_*` env vars.
+
+Nested fields use `__` (e.g. `LORAPLEX_ENGINE__URL`). Nothing here reads files or starts
+anything; `create_app(settings)` does the work.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+from urllib.parse import urlsplit
+
+from pydantic import BaseModel, Field, SecretStr, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class EngineSettings(BaseModel):
+    """Where the vLLM engine is, and how to start it when the gateway supervises it."""
+
+    url: str = "http://127.0.0.1:8100"
+    mode: Literal["remote", "local"] = "remote"
+    served_model_name: str = "base"
+    # Local mode only: the interpreter of the engine venv and the model to serve.
+    python: str = ".cache/venv-engine/bin/python"
+    model: str | None = None
+    max_lora_rank: int = 16
+    max_loras: int = 2
+    max_cpu_loras: int = 8
+    max_model_len: int = 2048
+    kv_cache_gib: int = 1
+    extra_args: list[str] = Field(default_factory=list)
+    log_file: Path = Path(".cache/logs/vllm.log")
+    startup_timeout_s: float = 600.0
+    restart_backoff_s: float = 2.0
+    # Transport.
+    connect_timeout_s: float = 2.0
+    request_timeout_s: float = 600.0
+    read_timeout_s: float = 120.0
+    pool_size: int = 512
+    retry_after_s: int = 1
+    health_interval_s: float = 2.0
+
+    @field_validator("url")
+    @classmethod
+    def _strip_slash(cls, v: str) -> str:
+        parts = urlsplit(v)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ValueError("engine url must be http(s)://host[:port]")
+        return v.rstrip("/")
+
+    @property
+    def port(self) -> int:
+        parts = urlsplit(self.url)
+        return parts.port or (443 if parts.scheme == "https" else 80)
+
+    @property
+    def host(self) -> str:
+        return urlsplit(self.url).hostname or "127.0.0.1"
+
+
+class Settings(BaseSettings):
+    """Top-level gateway settings."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="LORAPLEX_", env_nested_delimiter="__", extra="ignore"
+    )
+
+    host: str = "127.0.0.1"
+    port: int = 8080
+    tenants_file: Path | None = None
+    adapters_file: Path | None = None
+    # Admin key: prefer the sha256 hex digest; a plain key is accepted and hashed at start.
+    admin_key_sha256: str | None = None
+    admin_key: SecretStr | None = None
+    max_body_bytes: int = 4 * 1024 * 1024
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+    engine: EngineSettings = Field(default_factory=EngineSettings)

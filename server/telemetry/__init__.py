@@ -1,0 +1,1 @@
+"""Prometheus metrics and (later) drift statistics of the gateway."""

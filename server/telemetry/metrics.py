@@ -1,0 +1,117 @@
+"""All Prometheus metrics of the gateway, in one per-app registry (no import-time globals).
+
+Label values come only from bounded sets: configured tenant names, catalog adapter names, the
+fixed endpoint list and the error codes in `server.errors` — never raw request input. Anything
+not in the set is reported as "other" / "unknown" by the caller.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+LATENCY_BUCKETS = (
+    0.005,
+    0.01,
+    0.025,
+    0.05,
+    0.1,
+    0.25,
+    0.5,
+    1.0,
+    2.5,
+    5.0,
+    10.0,
+    30.0,
+    60.0,
+    120.0,
+)
+TOKEN_LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
+LOAD_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+
+
+class GatewayMetrics:
+    """Typed handles to every metric; one instance per app."""
+
+    def __init__(self) -> None:
+        r = self.registry = CollectorRegistry(auto_describe=True)
+        self.requests = Counter(
+            "loraplex_requests",
+            "Requests answered, by outcome.",
+            ["tenant", "adapter", "endpoint", "status"],
+            registry=r,
+        )
+        self.errors = Counter(
+            "loraplex_errors",
+            "Errors returned to clients, by stable error code.",
+            ["tenant", "code"],
+            registry=r,
+        )
+        self.latency = Histogram(
+            "loraplex_request_duration_seconds",
+            "End-to-end request latency at the gateway.",
+            ["tenant", "adapter", "endpoint", "stream"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.ttft = Histogram(
+            "loraplex_time_to_first_token_seconds",
+            "Time to the first streamed token.",
+            ["tenant", "adapter"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.itl = Histogram(
+            "loraplex_inter_token_latency_seconds",
+            "Gap between streamed token events.",
+            ["adapter"],
+            buckets=TOKEN_LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.prompt_tokens = Counter(
+            "loraplex_prompt_tokens",
+            "Prompt tokens reported by the engine.",
+            ["tenant", "adapter"],
+            registry=r,
+        )
+        self.completion_tokens = Counter(
+            "loraplex_completion_tokens",
+            "Completion tokens reported by the engine.",
+            ["tenant", "adapter"],
+            registry=r,
+        )
+        self.in_flight = Gauge(
+            "loraplex_in_flight_requests",
+            "Requests currently being served.",
+            ["tenant"],
+            registry=r,
+        )
+        self.adapter_ops = Counter(
+            "loraplex_adapter_operations",
+            "Adapter loads/unloads on the engine, by result.",
+            ["adapter", "result"],
+            registry=r,
+        )
+        self.adapter_op_seconds = Histogram(
+            "loraplex_adapter_operation_seconds",
+            "Latency of engine adapter load/unload calls.",
+            ["result"],
+            buckets=LOAD_BUCKETS,
+            registry=r,
+        )
+        self.adapters_resident = Gauge(
+            "loraplex_adapters_resident",
+            "Adapters registered on the engine.",
+            registry=r,
+        )
+        self.engine_up = Gauge(
+            "loraplex_engine_up",
+            "1 while the engine answers its health check.",
+            registry=r,
+        )
+
+    def observe_adapter_op(self, adapter: str, result: str, seconds: float) -> None:
+        self.adapter_ops.labels(adapter, result).inc()
+        self.adapter_op_seconds.labels(result).observe(seconds)
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)

@@ -1,0 +1,223 @@
+"""The engine seam: `EngineClient` Protocol and its aiohttp implementation for vLLM.
+
+aiohttp is on the hot path because it was measured faster here than httpx under concurrency
+(docs/decisions.md). Every transport failure is translated into the gateway's error tree at this
+boundary, so nothing above it sees aiohttp exceptions.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Protocol
+
+import aiohttp
+import orjson
+
+from server.errors import (
+    AdapterLoadFailed,
+    Conflict,
+    EngineUnavailable,
+    LoraplexError,
+    UpstreamError,
+    UpstreamTimeout,
+)
+from server.settings import EngineSettings
+
+JSON_HEADERS = {"Content-Type": "application/json"}
+
+
+@dataclass(slots=True)
+class UpstreamResponse:
+    status: int
+    body: bytes
+
+
+class UpstreamStream(Protocol):
+    """An open streaming response: status first, then SSE `data` payloads as they arrive."""
+
+    status: int
+
+    async def read_body(self) -> bytes: ...
+
+    def events(self) -> AsyncIterator[bytes]: ...
+
+    async def aclose(self) -> None: ...
+
+
+class EngineClient(Protocol):
+    """What the gateway needs from an engine. Fakes in tests implement the same methods."""
+
+    async def post(self, path: str, payload: bytes) -> UpstreamResponse: ...
+
+    async def open_stream(self, path: str, payload: bytes) -> UpstreamStream: ...
+
+    async def health(self) -> bool: ...
+
+    async def served_models(self) -> set[str]: ...
+
+    async def load_adapter(self, engine_name: str, path: str) -> None: ...
+
+    async def unload_adapter(self, engine_name: str) -> None: ...
+
+    async def aclose(self) -> None: ...
+
+
+class _AiohttpStream:
+    def __init__(self, resp: aiohttp.ClientResponse, on_error: _ErrorMapper) -> None:
+        self._resp = resp
+        self.status = resp.status
+        self._map = on_error
+
+    async def read_body(self) -> bytes:
+        try:
+            return await self._resp.read()
+        except (TimeoutError, aiohttp.ClientError) as exc:
+            raise self._map(exc) from exc
+        finally:
+            self._resp.release()
+
+    async def events(self) -> AsyncIterator[bytes]:
+        """Yield each SSE event's data as soon as its terminating blank line arrives."""
+        data: list[bytes] = []
+        content = self._resp.content
+        try:
+            while True:
+                line = await content.readline()
+                if not line:
+                    break
+                line = line.rstrip(b"\r\n")
+                if not line:
+                    if data:
+                        yield b"\n".join(data)
+                        data = []
+                elif line.startswith(b"data:"):
+                    data.append(line[6:] if line[5:6] == b" " else line[5:])
+                # comments (":") and other fields (event:, id:) are not used by vLLM
+            if data:
+                yield b"\n".join(data)
+        except (TimeoutError, aiohttp.ClientError) as exc:
+            raise self._map(exc) from exc
+
+    async def aclose(self) -> None:
+        # close(), not release(): an unfinished body must drop the connection so vLLM aborts.
+        if not self._resp.closed:
+            self._resp.close()
+
+
+class _ErrorMapper(Protocol):
+    def __call__(self, exc: BaseException) -> LoraplexError: ...
+
+
+class AiohttpEngineClient:
+    """EngineClient over one pooled aiohttp session (created inside the app's lifespan)."""
+
+    def __init__(self, settings: EngineSettings) -> None:
+        self._settings = settings
+        self._base = settings.url
+        connector = aiohttp.TCPConnector(
+            limit=settings.pool_size, limit_per_host=settings.pool_size, keepalive_timeout=60
+        )
+        self._session = aiohttp.ClientSession(
+            connector=connector,
+            json_serialize=lambda o: orjson.dumps(o).decode(),
+            auto_decompress=False,
+        )
+        self._timeout = aiohttp.ClientTimeout(
+            total=settings.request_timeout_s,
+            connect=settings.connect_timeout_s,
+            sock_read=settings.read_timeout_s,
+        )
+        self._stream_timeout = aiohttp.ClientTimeout(
+            total=None, connect=settings.connect_timeout_s, sock_read=settings.read_timeout_s
+        )
+        self._probe_timeout = aiohttp.ClientTimeout(total=max(settings.connect_timeout_s, 2.0))
+
+    def _map_error(self, exc: BaseException) -> LoraplexError:
+        retry = self._settings.retry_after_s
+        if isinstance(exc, aiohttp.ClientConnectorError | ConnectionRefusedError):
+            return EngineUnavailable("The inference engine is not reachable.", retry_after_s=retry)
+        if isinstance(exc, asyncio.TimeoutError):
+            return UpstreamTimeout("The inference engine did not answer in time.")
+        if isinstance(exc, aiohttp.ServerDisconnectedError | aiohttp.ClientPayloadError):
+            return EngineUnavailable(
+                "The inference engine closed the connection.", retry_after_s=retry
+            )
+        return UpstreamError("The inference engine connection failed.")
+
+    async def post(self, path: str, payload: bytes) -> UpstreamResponse:
+        try:
+            async with self._session.post(
+                self._base + path, data=payload, headers=JSON_HEADERS, timeout=self._timeout
+            ) as resp:
+                return UpstreamResponse(resp.status, await resp.read())
+        except (TimeoutError, aiohttp.ClientError, OSError) as exc:
+            raise self._map_error(exc) from exc
+
+    async def open_stream(self, path: str, payload: bytes) -> UpstreamStream:
+        try:
+            resp = await self._session.post(
+                self._base + path, data=payload, headers=JSON_HEADERS, timeout=self._stream_timeout
+            )
+        except (TimeoutError, aiohttp.ClientError, OSError) as exc:
+            raise self._map_error(exc) from exc
+        return _AiohttpStream(resp, self._map_error)
+
+    async def health(self) -> bool:
+        try:
+            async with self._session.get(
+                self._base + "/health", timeout=self._probe_timeout
+            ) as resp:
+                return resp.status == 200
+        except (TimeoutError, aiohttp.ClientError, OSError):
+            return False
+
+    async def served_models(self) -> set[str]:
+        try:
+            async with self._session.get(
+                self._base + "/v1/models", timeout=self._probe_timeout
+            ) as resp:
+                if resp.status != 200:
+                    raise UpstreamError(f"engine /v1/models answered {resp.status}")
+                body = orjson.loads(await resp.read())
+        except (TimeoutError, aiohttp.ClientError, OSError) as exc:
+            raise self._map_error(exc) from exc
+        return {str(m["id"]) for m in body.get("data", [])}
+
+    async def load_adapter(self, engine_name: str, path: str) -> None:
+        payload = orjson.dumps({"lora_name": engine_name, "lora_path": path})
+        resp = await self.post("/v1/load_lora_adapter", payload)
+        if resp.status == 200:
+            return
+        detail = engine_message(resp.body)
+        if resp.status == 400 and "already" in detail.lower():
+            raise Conflict(f"engine already holds an adapter named {engine_name!r}")
+        if resp.status in (400, 404, 422):
+            raise AdapterLoadFailed(f"engine refused the adapter: {detail}")
+        raise UpstreamError(f"engine failed to load the adapter ({resp.status})")
+
+    async def unload_adapter(self, engine_name: str) -> None:
+        payload = orjson.dumps({"lora_name": engine_name})
+        resp = await self.post("/v1/unload_lora_adapter", payload)
+        if resp.status in (200, 404):  # 404: engine no longer has it; the goal is reached
+            return
+        if resp.status == 400 and "not found" in engine_message(resp.body).lower():
+            return
+        raise UpstreamError(f"engine failed to unload the adapter ({resp.status})")
+
+    async def aclose(self) -> None:
+        await self._session.close()
+
+
+def engine_message(body: bytes) -> str:
+    """Best-effort message from a vLLM error body (JSON error object or plain text)."""
+    try:
+        parsed = orjson.loads(body)
+    except orjson.JSONDecodeError:
+        return body.decode("utf-8", "replace")[:300]
+    if isinstance(parsed, dict):
+        err = parsed.get("error", parsed)
+        if isinstance(err, dict) and "message" in err:
+            return str(err["message"])[:300]
+    return str(parsed)[:300]
