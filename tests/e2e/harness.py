@@ -1,0 +1,55 @@
+"""What e2e tests share: the gateway handle, tenant keys and helpers (no fixtures here)."""
+
+from __future__ import annotations
+
+import os
+import socket
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import httpx
+import openai
+
+REPO = Path(__file__).resolve().parents[2]
+ADMIN_KEY = "sk-e2e-admin"
+KEYS = {"clinic": "sk-e2e-clinic", "lawfirm": "sk-e2e-lawfirm", "acme": "sk-e2e-acme"}
+EXTRA_ADAPTER = "extra"  # loaded at runtime through the admin API by a test
+READY_TIMEOUT_S = float(os.environ.get("LORAPLEX_E2E_READY_TIMEOUT", "900"))
+
+
+@dataclass(frozen=True)
+class Gateway:
+    url: str
+    engine_url: str
+    manifest: dict[str, Any]
+    log_path: Path
+    engine_log_path: Path
+
+    def client(self, tenant: str) -> openai.OpenAI:
+        return openai.OpenAI(
+            base_url=f"{self.url}/v1", api_key=KEYS[tenant], max_retries=0, timeout=180
+        )
+
+    def admin(self) -> httpx.Client:
+        return httpx.Client(
+            base_url=self.url, headers={"Authorization": f"Bearer {ADMIN_KEY}"}, timeout=60
+        )
+
+    def adapter(self, name: str) -> dict[str, Any]:
+        return next(a for a in self.manifest["adapters"] if a["name"] == name)
+
+    @property
+    def adapter_names(self) -> list[str]:
+        return [a["name"] for a in self.manifest["adapters"]]
+
+    def completion_prompt(self, question: str) -> str:
+        template: str = self.manifest["completion_prompt_template"]
+        return template.replace("{question}", question)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
