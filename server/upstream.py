@@ -17,7 +17,6 @@ import orjson
 
 from server.errors import (
     AdapterLoadFailed,
-    Conflict,
     EngineUnavailable,
     LoraplexError,
     UpstreamError,
@@ -186,15 +185,16 @@ class AiohttpEngineClient:
         return {str(m["id"]) for m in body.get("data", [])}
 
     async def load_adapter(self, engine_name: str, path: str) -> None:
-        payload = orjson.dumps({"lora_name": engine_name, "lora_path": path})
-        resp = await self.post("/v1/load_lora_adapter", payload)
+        payload: dict[str, object] = {"lora_name": engine_name, "lora_path": path}
+        resp = await self.post("/v1/load_lora_adapter", orjson.dumps(payload))
+        if resp.status == 400 and "already" in engine_message(resp.body).lower():
+            # The engine kept it from an earlier gateway life: reload from the path asked now.
+            payload["load_inplace"] = True
+            resp = await self.post("/v1/load_lora_adapter", orjson.dumps(payload))
         if resp.status == 200:
             return
-        detail = engine_message(resp.body)
-        if resp.status == 400 and "already" in detail.lower():
-            raise Conflict(f"engine already holds an adapter named {engine_name!r}")
-        if resp.status in (400, 404, 422):
-            raise AdapterLoadFailed(f"engine refused the adapter: {detail}")
+        if resp.status in (400, 404, 422, 500):  # vLLM reports unloadable adapters as 500
+            raise AdapterLoadFailed(f"engine refused the adapter: {engine_message(resp.body)}")
         raise UpstreamError(f"engine failed to load the adapter ({resp.status})")
 
     async def unload_adapter(self, engine_name: str) -> None:
