@@ -139,7 +139,8 @@ class AiohttpEngineClient:
             return EngineUnavailable("The inference engine is not reachable.", retry_after_s=retry)
         if isinstance(exc, asyncio.TimeoutError):
             return UpstreamTimeout("The inference engine did not answer in time.")
-        if isinstance(exc, aiohttp.ServerDisconnectedError | aiohttp.ClientPayloadError):
+        if isinstance(exc, aiohttp.ClientConnectionError | aiohttp.ClientPayloadError | OSError):
+            # reset / disconnected (e.g. a pooled connection to an engine that just died)
             return EngineUnavailable(
                 "The inference engine closed the connection.", retry_after_s=retry
             )

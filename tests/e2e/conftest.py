@@ -121,7 +121,9 @@ def gateway(
                 pass
             time.sleep(0.5)
         sys.stderr.write(f"\n[e2e] gateway + vLLM ready in {time.monotonic() - started:.1f} s\n")
-        yield Gateway(url, f"http://127.0.0.1:{engine_port}", manifest, log_path, engine_log)
+        handle = Gateway(url, f"http://127.0.0.1:{engine_port}", manifest, log_path, engine_log)
+        yield handle
+        handle.close()
     finally:
         engine_pid = _engine_pid(url)
         proc.send_signal(signal.SIGTERM)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 import socket
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -26,10 +26,19 @@ class Gateway:
     log_path: Path
     engine_log_path: Path
 
+    clients: dict[str, openai.OpenAI] = field(default_factory=dict)
+
     def client(self, tenant: str) -> openai.OpenAI:
-        return openai.OpenAI(
-            base_url=f"{self.url}/v1", api_key=KEYS[tenant], max_retries=0, timeout=180
-        )
+        """One SDK client per tenant for the session (closed by the fixture)."""
+        if tenant not in self.clients:
+            self.clients[tenant] = openai.OpenAI(
+                base_url=f"{self.url}/v1", api_key=KEYS[tenant], max_retries=0, timeout=180
+            )
+        return self.clients[tenant]
+
+    def close(self) -> None:
+        for c in self.clients.values():
+            c.close()
 
     def admin(self) -> httpx.Client:
         return httpx.Client(

@@ -135,7 +135,7 @@ def test_models_lists_only_the_tenants_models(gateway: Gateway) -> None:
 
 def test_bad_key_is_401(gateway: Gateway) -> None:
     bad = openai.OpenAI(base_url=f"{gateway.url}/v1", api_key="sk-wrong", max_retries=0)
-    with pytest.raises(openai.AuthenticationError) as err:
+    with bad, pytest.raises(openai.AuthenticationError) as err:
         bad.models.list()
     assert err.value.code == "invalid_api_key"
 
