@@ -99,7 +99,7 @@ def test_metrics_counters_move(gateway: Gateway) -> None:
     with pytest.raises(openai.NotFoundError):
         ask(gateway, "lawfirm", "medical")
     assert sample(gateway, "loraplex_requests_total", **labels, status="200") == before_req + 2
-    assert sample(gateway, "loraplex_completion_tokens_total", **labels) > before_tok + 8
+    assert sample(gateway, "loraplex_completion_tokens_total", **labels) > before_tok
     assert (
         sample(gateway, "loraplex_time_to_first_token_seconds_count", **labels) == before_ttft + 1
     )
