@@ -108,6 +108,9 @@ async def watch_engine(state: GatewayState) -> None:
             except LoraplexError as exc:
                 log.warning("adapter reconcile failed", extra={"error": exc.message})
                 status.reconciled = False
+            except Exception:  # a bug must not stop the watcher (and readiness) for good
+                log.exception("adapter reconcile crashed")
+                status.reconciled = False
         elif not up and status.up:
             log.warning("engine is down")
             status.restarts_seen += 1
@@ -116,8 +119,11 @@ async def watch_engine(state: GatewayState) -> None:
         status.up = up
         state.metrics.engine_up.set(1 if up else 0)
         state.metrics.adapters_resident.set(sum(e.loaded for e in state.catalog.entries()))
+        # asyncio.timeout, not wait_for: on 3.11 wait_for swallows a cancel that races with
+        # the event being set, and the lifespan's `await watcher` then never returns.
         with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(state.reconcile_wanted.wait(), interval)
+            async with asyncio.timeout(interval):
+                await state.reconcile_wanted.wait()
 
 
 def _install_error_handlers(app: FastAPI) -> None:
@@ -187,7 +193,9 @@ def _client_request_id(scope: Scope) -> str | None:
     for key, value in scope["headers"]:
         if key == b"x-request-id":
             text: str = bytes(value).decode("latin-1")
-            if 0 < len(text) <= 128 and all(c.isalnum() or c in "-_.:" for c in text):
+            if 0 < len(text) <= 128 and all(
+                c.isascii() and (c.isalnum() or c in "-_.:") for c in text
+            ):
                 return text
             return None
     return None

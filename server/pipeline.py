@@ -83,6 +83,13 @@ def select_adapter(
             raise ModelNotFound("No model was requested and this key has no default model.")
         requested = tenant.default
     if not tenant.may_use(requested) or not state.catalog.is_routable(requested):
+        entry = state.catalog.get(requested) if tenant.may_use(requested) else None
+        if entry is not None and entry.desired and not state.ready:
+            # Wanted but the engine is away or being reconciled: retryable, not "no such model".
+            raise EngineUnavailable(
+                "The inference engine is not ready.",
+                retry_after_s=state.settings.engine.retry_after_s,
+            )
         shown = requested[:64].encode("ascii", "replace").decode()
         raise ModelNotFound(
             f"The model '{shown}' does not exist or you do not have access to it.",
@@ -94,6 +101,7 @@ def select_adapter(
 def upstream_failure(state: GatewayState, adapter: str, status: int, body: bytes) -> LoraplexError:
     """Map an engine error status without leaking engine internals (e.g. its served names)."""
     if status == 404:
+        state.reconcile_wanted.set()  # the engine lost it behind our back: re-register now
         return ModelNotFound(f"The model '{adapter}' is not available right now.", param="model")
     if status in (400, 422):
         return BadRequest(engine_message(body))

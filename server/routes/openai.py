@@ -47,8 +47,13 @@ async def _serve(request: Request, kind: str) -> Response:
         tenant = state.tenants.authenticate(request.headers.get("authorization"))
         record.admit(tenant.name)
         response = await generate(state, request, tenant, kind, record)
-    except LoraplexError as exc:
-        record.fail(exc)
+    except BaseException as exc:
+        if isinstance(exc, LoraplexError):
+            record.fail(exc)
+        elif isinstance(exc, Exception):
+            record.status, record.error_code = 500, "internal_error"
+        else:  # cancelled: the client went away while we waited for the engine
+            record.status, record.error_code = 499, "client_disconnected"
         record.finish()
         raise
     if not record.stream:

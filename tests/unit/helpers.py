@@ -1,0 +1,180 @@
+"""Shared assertions and the in-process gateway harness used by the unit tests."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+from typing import Any
+
+import httpx
+import orjson
+from fastapi import FastAPI
+from prometheus_client.parser import text_string_to_metric_families
+
+from server.app import create_app
+from server.settings import Settings
+from server.state import GatewayState
+from tests.unit.fakes import FakeEngine
+
+ADMIN_KEY = "sk-test-admin"
+ACME_KEY = "sk-test-acme"
+ACME_OLD_KEY = "sk-test-acme-previous"
+BETA_KEY = "sk-test-beta"
+NODEFAULT_KEY = "sk-test-nodefault"
+
+ERROR_KEYS = {"message", "type", "param", "code"}
+_UNSET = object()
+
+
+def auth(key: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {key}"}
+
+
+def assert_error(
+    resp: httpx.Response,
+    status: int,
+    code: str,
+    *,
+    param: object = _UNSET,
+    type_: str | None = None,
+) -> dict[str, Any]:
+    """The one error-shape check: `{"error": {"message", "type", "param", "code"}}` exactly."""
+    assert resp.status_code == status, (resp.status_code, resp.text)
+    assert resp.headers["content-type"].startswith("application/json"), resp.headers
+    body = resp.json()
+    assert isinstance(body, dict)
+    assert set(body) == {"error"}, body
+    err = body["error"]
+    assert isinstance(err, dict)
+    assert set(err) == ERROR_KEYS, err
+    assert isinstance(err["message"], str)
+    assert err["message"]
+    assert isinstance(err["type"], str)
+    assert err["param"] is None or isinstance(err["param"], str)
+    assert isinstance(err["code"], str)
+    assert err["code"] == code, err
+    if param is not _UNSET:
+        assert err["param"] == param, err
+    if type_ is not None:
+        assert err["type"] == type_, err
+    return err
+
+
+def assert_error_payload(payload: Any, code: str) -> dict[str, Any]:
+    """The same shape check for an error carried in an SSE event."""
+    assert isinstance(payload, dict)
+    assert set(payload) == {"error"}, payload
+    err = payload["error"]
+    assert isinstance(err, dict)
+    assert set(err) == ERROR_KEYS, err
+    assert isinstance(err["message"], str)
+    assert err["message"]
+    assert isinstance(err["type"], str)
+    assert err["param"] is None or isinstance(err["param"], str)
+    assert err["code"] == code, err
+    return err
+
+
+def sse_data(text: str) -> list[str]:
+    """Split an SSE body into its `data:` payloads, checking the framing is `data: x\\n\\n`."""
+    assert text.endswith("\n\n"), text[-200:]
+    payloads = []
+    for block in text.split("\n\n")[:-1]:
+        assert block.startswith("data: "), block
+        assert "\n" not in block, block
+        payloads.append(block[len("data: ") :])
+    return payloads
+
+
+def metric(text: str, name: str, **labels: str) -> float:
+    """Sum of the samples called `name` whose labels include `labels`."""
+    total = 0.0
+    for family in text_string_to_metric_families(text):
+        for s in family.samples:
+            if s.name == name and all(s.labels.get(k) == v for k, v in labels.items()):
+                total += s.value
+    return total
+
+
+async def wait_until(
+    predicate: Callable[[], bool], timeout_s: float = 3.0, what: str = "condition"
+) -> None:
+    """Poll a condition with short sleeps (no fixed waits in tests)."""
+    deadline = time.monotonic() + timeout_s
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        await asyncio.sleep(0.005)
+
+
+@dataclass
+class Gateway:
+    """One running app (lifespan entered) with its fake engine and an httpx client."""
+
+    app: FastAPI
+    engine: FakeEngine
+    client: httpx.AsyncClient
+    settings: Settings
+
+    @property
+    def state(self) -> GatewayState:
+        state: GatewayState = self.app.state.loraplex
+        return state
+
+    async def metrics(self) -> str:
+        resp = await self.client.get("/metrics")
+        assert resp.status_code == 200
+        return resp.text
+
+    async def wait_ready(self, status: int = 200, timeout_s: float = 3.0) -> None:
+        """Poll /readyz until it answers `status` (200: ready, 503: not ready)."""
+        deadline = time.monotonic() + timeout_s
+        while (await self.client.get("/readyz")).status_code != status:
+            if time.monotonic() > deadline:
+                raise AssertionError(f"/readyz did not turn {status}")
+            await asyncio.sleep(0.005)
+
+    async def chat(
+        self,
+        key: str = ACME_KEY,
+        headers: dict[str, str] | None = None,
+        **body: Any,
+    ) -> httpx.Response:
+        payload: dict[str, Any] = {"messages": [{"role": "user", "content": "hi"}], **body}
+        return await self.client.post(
+            "/v1/chat/completions", json=payload, headers={**auth(key), **(headers or {})}
+        )
+
+    async def post_raw(
+        self, path: str, content: bytes, key: str = ACME_KEY, **headers: str
+    ) -> httpx.Response:
+        return await self.client.post(
+            path,
+            content=content,
+            headers={**auth(key), "Content-Type": "application/json", **headers},
+        )
+
+
+def dumps(obj: Any) -> bytes:
+    return orjson.dumps(obj)
+
+
+@contextlib.asynccontextmanager
+async def running_gateway(
+    settings: Settings,
+    engine: FakeEngine,
+    *,
+    wait_ready: bool = True,
+    raise_app_exceptions: bool = True,
+) -> AsyncIterator[Gateway]:
+    app = create_app(settings, engine_factory=lambda s: engine)
+    async with app.router.lifespan_context(app):
+        transport = httpx.ASGITransport(app=app, raise_app_exceptions=raise_app_exceptions)
+        async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
+            gw = Gateway(app, engine, client, settings)
+            if wait_ready:
+                await gw.wait_ready()
+            yield gw

@@ -1,0 +1,138 @@
+"""The engine watcher: readiness, engine loss and return, reconcile, clean shutdown."""
+
+from __future__ import annotations
+
+import asyncio
+
+from server.errors import UpstreamError
+from tests.unit.conftest import Config
+from tests.unit.fakes import FakeEngine
+from tests.unit.helpers import (
+    ACME_KEY,
+    Gateway,
+    assert_error,
+    auth,
+    metric,
+    running_gateway,
+    wait_until,
+)
+
+
+async def _readyz(gw: Gateway) -> int:
+    return (await gw.client.get("/readyz")).status_code
+
+
+async def test_readyz_503_until_engine_up_then_200(config: Config, engine: FakeEngine) -> None:
+    engine.healthy = False
+    async with running_gateway(config.settings(), engine, wait_ready=False) as gw:
+        resp = await gw.client.get("/readyz")
+        err = assert_error(resp, 503, "engine_unavailable")
+        assert "engine not reachable" in err["message"]
+        assert resp.headers["retry-after"] == "3"
+        assert engine.load_calls == []
+        engine.healthy = True
+        await gw.wait_ready(200)
+        assert (await gw.client.get("/readyz")).json() == {"status": "ready"}
+        assert {n for n, _ in engine.load_calls} == {"legal", "medical", "finance", "broken"}
+        assert metric(await gw.metrics(), "loraplex_engine_up") == 1
+
+
+async def test_readyz_503_while_adapters_cannot_be_registered(
+    config: Config, engine: FakeEngine
+) -> None:
+    engine.served_models_error = UpstreamError("engine /v1/models answered 500")
+    async with running_gateway(config.settings(), engine, wait_ready=False) as gw:
+        await wait_until(lambda: gw.state.engine_status.up, what="engine up")
+        resp = await gw.client.get("/readyz")
+        err = assert_error(resp, 503, "engine_unavailable")
+        assert "adapters not registered" in err["message"]
+        engine.served_models_error = None
+        await gw.wait_ready(200)
+
+
+async def test_watcher_survives_unexpected_reconcile_error(
+    config: Config, engine: FakeEngine
+) -> None:
+    """A bug-shaped error (not a LoraplexError) must not kill the watcher for good."""
+
+    class Boom(Exception):
+        pass
+
+    engine.served_models_error = Boom("unexpected")
+    async with running_gateway(config.settings(), engine, wait_ready=False) as gw:
+        await wait_until(lambda: engine.health_calls >= 3, what="watcher keeps polling")
+        assert await _readyz(gw) == 503
+        engine.served_models_error = None
+        await gw.wait_ready(200)
+
+
+async def test_engine_loss_and_return_reconciles_desired_adapters(gw: Gateway) -> None:
+    engine = gw.engine
+    assert (await gw.chat(model="medical")).status_code == 200
+    engine.healthy = False
+    engine.restart()
+    await gw.wait_ready(503)
+    assert gw.state.engine_status.restarts_seen == 1
+    assert not gw.state.catalog.is_routable("legal")
+    metrics = await gw.metrics()
+    assert metric(metrics, "loraplex_engine_up") == 0
+    assert metric(metrics, "loraplex_adapters_resident") == 0
+    # While the engine is away an entitled, wanted adapter is a retryable 503, not a 404.
+    resp = await gw.chat(model="medical")
+    assert_error(resp, 503, "engine_unavailable")
+    assert resp.headers["retry-after"] == "3"
+    # Unknown and not-entitled names stay 404 whatever the engine does.
+    assert_error(await gw.chat(model="finance"), 404, "model_not_found")
+    assert_error(await gw.chat(model="nope"), 404, "model_not_found")
+    loads_before = len(engine.load_calls)
+    engine.healthy = True
+    await gw.wait_ready(200)
+    reloaded = {n for n, _ in engine.load_calls[loads_before:]}
+    assert reloaded == {"legal", "medical", "finance", "broken"}
+    assert {"legal", "medical", "finance"} <= engine.served
+    assert (await gw.chat(model="medical")).status_code == 200
+    assert metric(await gw.metrics(), "loraplex_adapters_resident") == 3
+
+
+async def test_unloaded_adapter_is_not_reloaded_after_engine_restart(gw: Gateway) -> None:
+    admin = {"Authorization": "Bearer sk-test-admin"}
+    assert (await gw.client.delete("/admin/v1/adapters/medical", headers=admin)).status_code == 200
+    gw.engine.healthy = False
+    gw.engine.restart()
+    await gw.wait_ready(503)
+    loads_before = len(gw.engine.load_calls)
+    gw.engine.healthy = True
+    await gw.wait_ready(200)
+    assert "medical" not in {n for n, _ in gw.engine.load_calls[loads_before:]}
+    assert_error(await gw.chat(model="medical"), 404, "model_not_found")
+
+
+async def test_adapter_already_on_engine_is_adopted_without_loading(
+    config: Config, engine: FakeEngine
+) -> None:
+    engine.served |= {"legal"}  # kept by the engine from an earlier gateway life
+    async with running_gateway(config.settings(), engine) as gw:
+        assert "legal" not in {n for n, _ in engine.load_calls}
+        resp = await gw.client.get("/v1/models", headers=auth(ACME_KEY))
+        assert "legal" in [m["id"] for m in resp.json()["data"]]
+
+
+async def test_shutdown_is_prompt_when_reconcile_was_just_requested(
+    config: Config, engine: FakeEngine
+) -> None:
+    """Regression: wait_for() on 3.11 swallowed the watcher's cancel when it raced with the
+    reconcile event, and the lifespan exit then waited forever for the watcher."""
+    settings = config.settings(engine={"health_interval_s": 30.0})
+
+    async def cycle() -> None:
+        async with running_gateway(settings, engine) as gw:
+            gw.state.reconcile_wanted.set()
+            await asyncio.sleep(0)
+
+    for _ in range(5):
+        task = asyncio.create_task(cycle())
+        done, _ = await asyncio.wait({task}, timeout=2)
+        assert task in done, "lifespan shutdown hung"
+        task.result()
+        assert engine.closed
+    assert not [t for t in asyncio.all_tasks() if t.get_name() == "engine-watcher"]
