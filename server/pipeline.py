@@ -68,9 +68,25 @@ def parse_request(raw: bytes, schema: type[BaseModel]) -> tuple[dict[str, Any], 
         parsed = schema.model_validate(body)
     except ValidationError as exc:
         first = exc.errors(include_url=False, include_input=False)[0]
-        param = ".".join(str(p) for p in first["loc"]) or None
+        param = _param_path(first["loc"], body, missing=first["type"] == "missing")
         raise BadRequest(f"Invalid request: {param}: {first['msg']}", param=param) from None
     return body, parsed
+
+
+def _param_path(loc: tuple[int | str, ...], body: Any, missing: bool) -> str | None:
+    """The offending field as a dotted path of the request, without pydantic's union-member
+    tags (`prompt.str`, `messages.0.content.list[...]` name no field the client sent)."""
+    parts: list[str] = []
+    node = body
+    for i, p in enumerate(loc):
+        if isinstance(node, dict) and isinstance(p, str):
+            if p in node or (missing and i == len(loc) - 1):
+                parts.append(p)
+                node = node.get(p)
+        elif isinstance(node, list) and isinstance(p, int) and 0 <= p < len(node):
+            parts.append(str(p))
+            node = node[p]
+    return ".".join(parts) or None
 
 
 def select_adapter(

@@ -14,6 +14,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from starlette.requests import Request
 
 from adapters.catalog import AdapterEntry, UnknownAdapter
+from server.pipeline import parse_request, read_body
 from server.state import GatewayState, get_state
 
 audit = logging.getLogger("loraplex.audit")
@@ -69,10 +70,22 @@ async def list_adapters(request: Request) -> AdapterListView:
     return AdapterListView(data=[_view(e) for e in state.catalog.entries()])
 
 
-@router.post("/adapters", status_code=201, response_model=AdapterView)
-async def load_adapter(body: LoadAdapterRequest, request: Request) -> AdapterView:
+_LOAD_BODY = {
+    "requestBody": {
+        "required": True,
+        "content": {"application/json": {"schema": LoadAdapterRequest.model_json_schema()}},
+    }
+}
+
+
+@router.post("/adapters", status_code=201, response_model=AdapterView, openapi_extra=_LOAD_BODY)
+async def load_adapter(request: Request) -> AdapterView:
     """Register an adapter directory (on the engine's filesystem) under `name` and load it."""
     state = get_state(request)
+    # Read the body here, not as a FastAPI body param: FastAPI decodes JSON before running
+    # dependencies, which answered unauthenticated callers 400 instead of 401.
+    raw = await read_body(request, state.settings.max_body_bytes)
+    body: LoadAdapterRequest = parse_request(raw, LoadAdapterRequest)[1]
     try:
         entry = await state.catalog.load(body.name, body.path)
     except Exception as exc:
