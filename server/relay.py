@@ -134,7 +134,10 @@ async def relay_events(
             yield sse_event(data)
         if not done:
             raise UpstreamError("The inference engine ended the stream early.")
-    except LoraplexError as exc:
+    except Exception as exc:
+        if not isinstance(exc, LoraplexError):  # a bug or an unmapped transport error
+            access_log.error("stream relay failed", exc_info=exc)
+            exc = UpstreamError("The inference engine stream failed.")
         record.fail(exc)
         record.completed = True
         yield sse_event(exc.json_bytes())

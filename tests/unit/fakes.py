@@ -95,6 +95,7 @@ class Answer:
     status: int = 200
     body: bytes = b"{}"
     raise_exc: BaseException | None = None
+    gate: asyncio.Event | None = None  # answer only once set
 
 
 @dataclass
@@ -108,7 +109,7 @@ class StreamScript:
     raise_on_open: BaseException | None = None
     # Raise `raise_mid` after this many events were yielded (None: never).
     fail_after: int | None = None
-    raise_mid: LoraplexError | None = None
+    raise_mid: Exception | None = None
     # Block after this many events until `release` is set (for disconnect tests).
     block_after: int | None = None
     release: asyncio.Event = field(default_factory=asyncio.Event)
@@ -190,6 +191,8 @@ class FakeEngine:
         body = self._record(path, payload, stream=False)
         if self.answers:
             answer = self.answers.popleft()
+            if answer.gate is not None:
+                await answer.gate.wait()
             if answer.raise_exc is not None:
                 raise answer.raise_exc
             return UpstreamResponse(answer.status, answer.body)

@@ -1,0 +1,146 @@
+"""The relay at the ASGI level (httpx's ASGITransport buffers whole responses, so these tests
+drive the app directly): events leave as they arrive, and a client disconnect closes upstream."""
+
+from __future__ import annotations
+
+import asyncio
+
+import orjson
+from starlette.types import Message, Scope
+
+from tests.unit.fakes import Answer, StreamScript, stream_chunks
+from tests.unit.helpers import ACME_KEY, Gateway, assert_error_payload, metric, sse_data, wait_until
+
+CHAT_STREAM = orjson.dumps(
+    {"messages": [{"role": "user", "content": "hi"}], "stream": True, "model": "legal"}
+)
+
+
+def _scope(body: bytes) -> Scope:
+    return {
+        "type": "http",
+        "asgi": {"version": "3.0", "spec_version": "2.3"},  # what uvicorn sends
+        "http_version": "1.1",
+        "method": "POST",
+        "scheme": "http",
+        "path": "/v1/chat/completions",
+        "raw_path": b"/v1/chat/completions",
+        "query_string": b"",
+        "root_path": "",
+        "headers": [
+            (b"host", b"test"),
+            (b"authorization", f"Bearer {ACME_KEY}".encode()),
+            (b"content-type", b"application/json"),
+            (b"content-length", str(len(body)).encode()),
+        ],
+        "client": ("127.0.0.1", 50000),
+        "server": ("test", 80),
+    }
+
+
+class ASGIClient:
+    """One request against the app; records every message the app sends."""
+
+    def __init__(self, gw: Gateway, body: bytes) -> None:
+        self.gw = gw
+        self.body = body
+        self.sent: list[Message] = []
+        self.disconnect = asyncio.Event()
+
+    async def _receive(self) -> Message:
+        if self.body:
+            body, self.body = self.body, b""
+            return {"type": "http.request", "body": body, "more_body": False}
+        await self.disconnect.wait()
+        return {"type": "http.disconnect"}
+
+    async def _send(self, message: Message) -> None:
+        self.sent.append(message)
+
+    def run(self) -> asyncio.Task[None]:
+        return asyncio.create_task(self._call(_scope(self.body)))
+
+    async def _call(self, scope: Scope) -> None:
+        await self.gw.app(scope, self._receive, self._send)
+
+    def bodies(self) -> list[bytes]:
+        return [m["body"] for m in self.sent if m["type"] == "http.response.body" and m["body"]]
+
+
+async def test_events_are_forwarded_before_the_stream_ends(gw: Gateway) -> None:
+    events = stream_chunks("legal", ["a", "b", "c"], with_usage=False)
+    script = StreamScript(events=events, block_after=2)
+    gw.engine.streams_script.append(script)
+    client = ASGIClient(gw, CHAT_STREAM)
+    task = client.run()
+    # The engine is stalled after two events: both must already be at the client.
+    await wait_until(lambda: len(client.bodies()) == 2, what="two events relayed")
+    assert client.sent[0]["type"] == "http.response.start"
+    assert client.sent[0]["status"] == 200
+    assert [b.decode() for b in client.bodies()] == [f"data: {e.decode()}\n\n" for e in events[:2]]
+    assert not task.done()
+    script.release.set()
+    async with asyncio.timeout(3):
+        await task
+    text = b"".join(client.bodies()).decode()
+    assert sse_data(text) == [e.decode() for e in events]
+    assert client.sent[-1] == {"type": "http.response.body", "body": b"", "more_body": False}
+
+
+async def test_client_disconnect_closes_upstream_and_counts_499(gw: Gateway) -> None:
+    events = stream_chunks("legal", ["a", "b"], with_usage=False)
+    script = StreamScript(events=events, block_after=1)  # engine stalls after one event
+    gw.engine.streams_script.append(script)
+    before = await gw.metrics()
+    client = ASGIClient(gw, CHAT_STREAM)
+    task = client.run()
+    await wait_until(lambda: len(client.bodies()) == 1, what="first event relayed")
+    client.disconnect.set()
+    async with asyncio.timeout(3):
+        await task
+    [stream] = gw.engine.streams
+    assert stream.closed
+    assert stream.events_yielded == 1
+    after = await gw.metrics()
+
+    def delta(name: str, **labels: str) -> float:
+        return metric(after, name, **labels) - metric(before, name, **labels)
+
+    assert delta("loraplex_requests_total", tenant="acme", adapter="legal", status="499") == 1
+    assert delta("loraplex_errors_total", tenant="acme", code="client_disconnected") == 1
+    assert metric(after, "loraplex_in_flight_requests", tenant="acme") == 0
+
+
+async def test_cancelled_non_stream_request_is_accounted(gw: Gateway) -> None:
+    gate = asyncio.Event()
+    gw.engine.answers.append(Answer(200, b"{}", gate=gate))
+    body = orjson.dumps({"messages": [{"role": "user", "content": "hi"}]})
+    before = await gw.metrics()
+    client = ASGIClient(gw, body)
+    task = client.run()
+    await wait_until(lambda: len(gw.engine.forwarded) == 1, what="request forwarded")
+    assert metric(await gw.metrics(), "loraplex_in_flight_requests", tenant="acme") == 1
+    task.cancel()
+    async with asyncio.timeout(3):
+        await asyncio.gather(task, return_exceptions=True)
+    after = await gw.metrics()
+    assert metric(after, "loraplex_in_flight_requests", tenant="acme") == 0
+    name = "loraplex_errors_total"
+    code = {"tenant": "acme", "code": "client_disconnected"}
+    assert metric(after, name, **code) - metric(before, name, **code) == 1
+
+
+async def test_unexpected_error_mid_stream_still_ends_cleanly(gw: Gateway) -> None:
+    events = stream_chunks("legal", ["a", "b"], with_usage=False)
+    gw.engine.streams_script.append(
+        StreamScript(events=events, fail_after=1, raise_mid=ValueError("Line is too long"))
+    )
+    client = ASGIClient(gw, CHAT_STREAM)
+    async with asyncio.timeout(3):
+        await client.run()
+    data = sse_data(b"".join(client.bodies()).decode())
+    assert data[0] == events[0].decode()
+    err = assert_error_payload(orjson.loads(data[1]), "upstream_error")
+    assert "too long" not in err["message"]
+    assert data[2:] == ["[DONE]"]
+    assert gw.engine.streams[0].closed
