@@ -14,6 +14,7 @@ from typing import Protocol
 
 import aiohttp
 import orjson
+from aiohttp.http_exceptions import HttpProcessingError
 
 from server.errors import (
     AdapterLoadFailed,
@@ -96,7 +97,8 @@ class _AiohttpStream:
                 # comments (":") and other fields (event:, id:) are not used by vLLM
             if data:
                 yield b"\n".join(data)
-        except (TimeoutError, aiohttp.ClientError) as exc:
+        except (TimeoutError, aiohttp.ClientError, HttpProcessingError) as exc:
+            # HttpProcessingError: e.g. LineTooLong, an SSE line over aiohttp's buffer limit.
             raise self._map(exc) from exc
 
     async def aclose(self) -> None:
@@ -180,10 +182,13 @@ class AiohttpEngineClient:
             ) as resp:
                 if resp.status != 200:
                     raise UpstreamError(f"engine /v1/models answered {resp.status}")
-                body = orjson.loads(await resp.read())
+                raw = await resp.read()
         except (TimeoutError, aiohttp.ClientError, OSError) as exc:
             raise self._map_error(exc) from exc
-        return {str(m["id"]) for m in body.get("data", [])}
+        try:
+            return {str(m["id"]) for m in orjson.loads(raw).get("data", [])}
+        except (ValueError, TypeError, KeyError, AttributeError):
+            raise UpstreamError("engine /v1/models answered an unexpected body") from None
 
     async def load_adapter(self, engine_name: str, path: str) -> None:
         payload: dict[str, object] = {"lora_name": engine_name, "lora_path": path}
