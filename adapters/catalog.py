@@ -52,6 +52,8 @@ class AdapterEntry:
     loaded_at: float | None = None
     last_error: str | None = None
     lock: asyncio.Lock = field(default_factory=asyncio.Lock, repr=False)
+    # Why a refused newcomer was forgotten; handed to callers that waited on the same load.
+    failure: BaseException | None = field(default=None, repr=False)
 
     @property
     def engine_name(self) -> str:
@@ -129,14 +131,23 @@ class AdapterCatalog:
         is_new = name not in self._entries
         entry = self.declare(name, path)
         async with entry.lock:
-            if entry.loaded:
-                return entry
-            try:
-                await self._load_locked(entry)
-            except BaseException:
-                if is_new:  # a refused newcomer is forgotten, not retried forever
-                    self._entries.pop(name, None)
-                raise
+            forgotten = self._entries.get(name) is not entry
+            if not forgotten:
+                if entry.loaded:
+                    return entry
+                try:
+                    await self._load_locked(entry)
+                except BaseException as exc:
+                    if is_new:  # a refused newcomer is forgotten, not retried forever
+                        entry.failure = exc
+                        self._entries.pop(name, None)
+                    raise
+        if forgotten:
+            # The load we waited on failed and dropped this entry: share its outcome instead
+            # of loading an entry the catalog no longer holds (cancelled: try again ourselves).
+            if isinstance(entry.failure, Exception):
+                raise entry.failure
+            return await self.load(name, path)
         return entry
 
     async def unload(self, name: str) -> AdapterEntry:
@@ -205,5 +216,9 @@ class AdapterCatalog:
     def _check_name(self, name: str) -> None:
         if name == self.base_model:
             raise AdapterConflict(f"{name!r} is the base model's name")
-        if not name or len(name) > 64 or not all(c.isalnum() or c in "-_." for c in name):
+        if (
+            not name
+            or len(name) > 64
+            or not all(c.isascii() and (c.isalnum() or c in "-_.") for c in name)
+        ):
             raise InvalidAdapter("adapter names use 1-64 characters from [A-Za-z0-9._-]")
