@@ -63,7 +63,7 @@ def parse_request(raw: bytes, schema: type[BaseModel]) -> tuple[dict[str, Any], 
     except orjson.JSONDecodeError:
         raise InvalidJSON("Request body is not valid JSON (or not UTF-8).") from None
     if not isinstance(body, dict):
-        raise BadRequest("Request body must be a JSON object.")
+        raise InvalidJSON("Request body must be a JSON object.")
     try:
         parsed = schema.model_validate(body)
     except ValidationError as exc:

@@ -13,6 +13,7 @@ import httpx
 import orjson
 from fastapi import FastAPI
 from prometheus_client.parser import text_string_to_metric_families
+from starlette.types import Message, Scope
 
 from server.app import create_app
 from server.settings import Settings
@@ -178,3 +179,66 @@ async def running_gateway(
             if wait_ready:
                 await gw.wait_ready()
             yield gw
+
+
+class ASGIClient:
+    """One request driven straight through the ASGI app (httpx's ASGITransport buffers the
+    whole response); records every message the app sends, can simulate a disconnect."""
+
+    def __init__(
+        self,
+        gw: Gateway,
+        body: bytes,
+        *,
+        path: str = "/v1/chat/completions",
+        headers: list[tuple[bytes, bytes]] | None = None,
+    ) -> None:
+        self.gw = gw
+        self.body = body
+        self.sent: list[Message] = []
+        self.disconnect = asyncio.Event()
+        if headers is None:
+            headers = [
+                (b"authorization", f"Bearer {ACME_KEY}".encode()),
+                (b"content-type", b"application/json"),
+                (b"content-length", str(len(body)).encode()),
+            ]
+        self.scope: Scope = {
+            "type": "http",
+            "asgi": {"version": "3.0", "spec_version": "2.3"},  # what uvicorn sends
+            "http_version": "1.1",
+            "method": "POST",
+            "scheme": "http",
+            "path": path,
+            "raw_path": path.encode(),
+            "query_string": b"",
+            "root_path": "",
+            "headers": [(b"host", b"test"), *headers],
+            "client": ("127.0.0.1", 50000),
+            "server": ("test", 80),
+        }
+
+    async def _receive(self) -> Message:
+        if self.body:
+            body, self.body = self.body, b""
+            return {"type": "http.request", "body": body, "more_body": False}
+        await self.disconnect.wait()
+        return {"type": "http.disconnect"}
+
+    async def _send(self, message: Message) -> None:
+        self.sent.append(message)
+
+    def run(self) -> asyncio.Task[None]:
+        return asyncio.create_task(self._call())
+
+    async def _call(self) -> None:
+        await self.gw.app(self.scope, self._receive, self._send)
+
+    @property
+    def status(self) -> int:
+        start = next(m for m in self.sent if m["type"] == "http.response.start")
+        status: int = start["status"]
+        return status
+
+    def bodies(self) -> list[bytes]:
+        return [m["body"] for m in self.sent if m["type"] == "http.response.body" and m["body"]]

@@ -224,9 +224,7 @@ async def test_load_malformed_body(gw: Gateway, raw: bytes) -> None:
     resp = await gw.client.post(
         "/admin/v1/adapters", content=raw, headers={**ADMIN, "Content-Type": "application/json"}
     )
-    assert resp.status_code == 400
-    assert_error(resp, 400, resp.json()["error"]["code"])
-    assert resp.json()["error"]["code"] in {"invalid_json", "invalid_request"}
+    assert_error(resp, 400, "invalid_json", param=None)
 
 
 async def test_load_base_model_name_is_409(gw: Gateway, config: Config) -> None:

@@ -6,65 +6,20 @@ from __future__ import annotations
 import asyncio
 
 import orjson
-from starlette.types import Message, Scope
 
 from tests.unit.fakes import Answer, StreamScript, stream_chunks
-from tests.unit.helpers import ACME_KEY, Gateway, assert_error_payload, metric, sse_data, wait_until
+from tests.unit.helpers import (
+    ASGIClient,
+    Gateway,
+    assert_error_payload,
+    metric,
+    sse_data,
+    wait_until,
+)
 
 CHAT_STREAM = orjson.dumps(
     {"messages": [{"role": "user", "content": "hi"}], "stream": True, "model": "legal"}
 )
-
-
-def _scope(body: bytes) -> Scope:
-    return {
-        "type": "http",
-        "asgi": {"version": "3.0", "spec_version": "2.3"},  # what uvicorn sends
-        "http_version": "1.1",
-        "method": "POST",
-        "scheme": "http",
-        "path": "/v1/chat/completions",
-        "raw_path": b"/v1/chat/completions",
-        "query_string": b"",
-        "root_path": "",
-        "headers": [
-            (b"host", b"test"),
-            (b"authorization", f"Bearer {ACME_KEY}".encode()),
-            (b"content-type", b"application/json"),
-            (b"content-length", str(len(body)).encode()),
-        ],
-        "client": ("127.0.0.1", 50000),
-        "server": ("test", 80),
-    }
-
-
-class ASGIClient:
-    """One request against the app; records every message the app sends."""
-
-    def __init__(self, gw: Gateway, body: bytes) -> None:
-        self.gw = gw
-        self.body = body
-        self.sent: list[Message] = []
-        self.disconnect = asyncio.Event()
-
-    async def _receive(self) -> Message:
-        if self.body:
-            body, self.body = self.body, b""
-            return {"type": "http.request", "body": body, "more_body": False}
-        await self.disconnect.wait()
-        return {"type": "http.disconnect"}
-
-    async def _send(self, message: Message) -> None:
-        self.sent.append(message)
-
-    def run(self) -> asyncio.Task[None]:
-        return asyncio.create_task(self._call(_scope(self.body)))
-
-    async def _call(self, scope: Scope) -> None:
-        await self.gw.app(scope, self._receive, self._send)
-
-    def bodies(self) -> list[bytes]:
-        return [m["body"] for m in self.sent if m["type"] == "http.response.body" and m["body"]]
 
 
 async def test_events_are_forwarded_before_the_stream_ends(gw: Gateway) -> None:

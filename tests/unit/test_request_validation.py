@@ -2,14 +2,26 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 from typing import Any
 
+import orjson
 import pytest
 
 from tests.unit.conftest import Config
 from tests.unit.fakes import FakeEngine
-from tests.unit.helpers import ACME_KEY, Gateway, assert_error, auth, dumps, metric, running_gateway
+from tests.unit.helpers import (
+    ACME_KEY,
+    ASGIClient,
+    Gateway,
+    assert_error,
+    assert_error_payload,
+    auth,
+    dumps,
+    metric,
+    running_gateway,
+)
 
 CHAT = "/v1/chat/completions"
 COMPLETIONS = "/v1/completions"
@@ -37,7 +49,7 @@ async def test_invalid_json(gw: Gateway, path: str, raw: bytes) -> None:
 @pytest.mark.parametrize("raw", [b"[1, 2]", b'"text"', b"42", b"null", b"true"])
 async def test_json_that_is_not_an_object(gw: Gateway, raw: bytes) -> None:
     resp = await gw.post_raw(CHAT, raw)
-    err = assert_error(resp, 400, "invalid_request")
+    err = assert_error(resp, 400, "invalid_json", param=None)
     assert "object" in err["message"]
     assert gw.engine.forwarded == []
 
@@ -182,3 +194,23 @@ async def test_union_errors_name_a_real_field(
     assert err["param"].startswith(param)
     assert "[" not in err["param"]
     assert ".str" not in err["param"]
+
+
+@pytest.mark.parametrize("value", [b"abc", b"-", b"1e3", b""])
+async def test_invalid_content_length_is_400(gw: Gateway, value: bytes) -> None:
+    body = dumps({"messages": MSGS})
+    client = ASGIClient(
+        gw,
+        body,
+        headers=[
+            (b"authorization", f"Bearer {ACME_KEY}".encode()),
+            (b"content-length", value),
+        ],
+    )
+    async with asyncio.timeout(3):
+        await client.run()
+    assert client.status == 400
+    payload = orjson.loads(b"".join(client.bodies()))
+    err = assert_error_payload(payload, "invalid_request")
+    assert "Content-Length" in err["message"]
+    assert gw.engine.forwarded == []
