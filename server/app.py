@@ -153,9 +153,11 @@ def _install_error_handlers(app: FastAPI) -> None:
         return _json(body, exc.status_code, dict(exc.headers or {}))
 
     async def on_unexpected(request: Request, exc: Exception) -> Response:
-        log.exception("unhandled error", exc_info=exc)
+        # Starlette answers this from outside RequestIdMiddleware: add the id here.
+        rid = getattr(request.state, "request_id", None)
+        log.exception("unhandled error", exc_info=exc, extra={"request_id": rid})
         body = error_payload("Internal gateway error.", "server_error", "internal_error")
-        return _json(body, 500)
+        return _json(body, 500, {"X-Request-Id": rid} if rid else None)
 
     app.add_exception_handler(LoraplexError, on_loraplex_error)
     app.add_exception_handler(RequestValidationError, on_validation_error)

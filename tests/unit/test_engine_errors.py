@@ -147,9 +147,10 @@ async def test_unexpected_exception_is_500_internal_error(
     async with running_gateway(config.settings(), engine, raise_app_exceptions=False) as gw:
         gw.engine.answers.append(Answer(raise_exc=RuntimeError("secret internals")))
         before = await gw.metrics()
-        resp = await gw.chat()
+        resp = await gw.chat(headers={"X-Request-Id": "req-500"})
         err = assert_error(resp, 500, "internal_error", type_="server_error")
         assert "secret" not in err["message"]
+        assert resp.headers["x-request-id"] == "req-500"
         after = await gw.metrics()
         # The request is still accounted for and no longer in flight.
         assert metric(after, "loraplex_in_flight_requests", tenant="acme") == 0
