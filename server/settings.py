@@ -75,3 +75,13 @@ class Settings(BaseSettings):
     max_body_bytes: int = 4 * 1024 * 1024
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     engine: EngineSettings = Field(default_factory=EngineSettings)
+
+    @field_validator("admin_key_sha256")
+    @classmethod
+    def _digest(cls, v: str | None) -> str | None:
+        # A typo here would silently lock the operator out; tenant digests are checked too.
+        if not v:  # unset, or an empty env var / chart value
+            return None
+        if len(v) != 64 or any(c not in "0123456789abcdef" for c in v.lower()):
+            raise ValueError("admin_key_sha256 must be a sha256 hex digest (64 hex characters)")
+        return v.lower()

@@ -74,3 +74,15 @@ def test_bad_values_rejected(monkeypatch: pytest.MonkeyPatch, name: str, value: 
     monkeypatch.setenv(name, value)
     with pytest.raises(ValidationError):
         Settings()
+
+
+def test_admin_key_digest_checked(monkeypatch: pytest.MonkeyPatch) -> None:
+    digest = "AB" * 32
+    monkeypatch.setenv("LORAPLEX_ADMIN_KEY_SHA256", digest)
+    assert Settings().admin_key_sha256 == digest.lower()
+    monkeypatch.setenv("LORAPLEX_ADMIN_KEY_SHA256", "")
+    assert Settings().admin_key_sha256 is None
+    for bad in ("abc", "g" * 64, "a" * 65):
+        monkeypatch.setenv("LORAPLEX_ADMIN_KEY_SHA256", bad)
+        with pytest.raises(ValidationError, match="sha256"):
+            Settings()
