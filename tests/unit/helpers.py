@@ -34,26 +34,20 @@ def auth(key: str) -> dict[str, str]:
     return {"Authorization": f"Bearer {key}"}
 
 
-def assert_error(
-    resp: httpx.Response,
-    status: int,
-    code: str,
-    *,
-    param: object = _UNSET,
-    type_: str | None = None,
+def assert_error_payload(
+    payload: Any, code: str, *, param: object = _UNSET, type_: str | None = None
 ) -> dict[str, Any]:
-    """The one error-shape check: `{"error": {"message", "type", "param", "code"}}` exactly."""
-    assert resp.status_code == status, (resp.status_code, resp.text)
-    assert resp.headers["content-type"].startswith("application/json"), resp.headers
-    body = resp.json()
-    assert isinstance(body, dict)
-    assert set(body) == {"error"}, body
-    err = body["error"]
+    """The one error-shape check: `{"error": {"message", "type", "param", "code"}}` exactly,
+    for JSON error responses and for errors carried in an SSE event alike."""
+    assert isinstance(payload, dict)
+    assert set(payload) == {"error"}, payload
+    err = payload["error"]
     assert isinstance(err, dict)
     assert set(err) == ERROR_KEYS, err
     assert isinstance(err["message"], str)
     assert err["message"]
     assert isinstance(err["type"], str)
+    assert err["type"]
     assert err["param"] is None or isinstance(err["param"], str)
     assert isinstance(err["code"], str)
     assert err["code"] == code, err
@@ -64,19 +58,18 @@ def assert_error(
     return err
 
 
-def assert_error_payload(payload: Any, code: str) -> dict[str, Any]:
-    """The same shape check for an error carried in an SSE event."""
-    assert isinstance(payload, dict)
-    assert set(payload) == {"error"}, payload
-    err = payload["error"]
-    assert isinstance(err, dict)
-    assert set(err) == ERROR_KEYS, err
-    assert isinstance(err["message"], str)
-    assert err["message"]
-    assert isinstance(err["type"], str)
-    assert err["param"] is None or isinstance(err["param"], str)
-    assert err["code"] == code, err
-    return err
+def assert_error(
+    resp: httpx.Response,
+    status: int,
+    code: str,
+    *,
+    param: object = _UNSET,
+    type_: str | None = None,
+) -> dict[str, Any]:
+    """An error response: status, JSON content type, and the error shape."""
+    assert resp.status_code == status, (resp.status_code, resp.text)
+    assert resp.headers["content-type"].startswith("application/json"), resp.headers
+    return assert_error_payload(resp.json(), code, param=param, type_=type_)
 
 
 def sse_data(text: str) -> list[str]:

@@ -7,7 +7,7 @@ import re
 import orjson
 
 from tests.unit.fakes import USAGE, Answer
-from tests.unit.helpers import ACME_KEY, Gateway, auth
+from tests.unit.helpers import ACME_KEY, Gateway, assert_error, auth
 
 
 async def test_chat_forwards_body_with_model_rewritten(gw: Gateway) -> None:
@@ -77,7 +77,7 @@ async def test_sane_client_request_id_is_echoed(gw: Gateway) -> None:
     assert resp.headers["x-request-id"] == rid
     # Error responses carry it too.
     err = await gw.client.get("/v1/models", headers={"X-Request-Id": rid})
-    assert err.status_code == 401
+    assert_error(err, 401, "invalid_api_key")
     assert err.headers["x-request-id"] == rid
 
 

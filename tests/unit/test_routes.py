@@ -15,7 +15,7 @@ async def test_healthz_ok_even_without_engine(config: Config, engine: FakeEngine
         resp = await gw.client.get("/healthz")
         assert resp.status_code == 200
         assert resp.json() == {"status": "ok"}
-        assert (await gw.client.get("/readyz")).status_code == 503
+        assert_error(await gw.client.get("/readyz"), 503, "engine_unavailable")
 
 
 @pytest.mark.parametrize(
@@ -83,7 +83,7 @@ async def test_non_stream_metrics_move_by_the_right_amounts(gw: Gateway) -> None
     before = await gw.metrics()
     for _ in range(3):
         assert (await gw.chat(model="medical")).status_code == 200
-    assert (await gw.chat(model="nope")).status_code == 404
+    assert_error(await gw.chat(model="nope"), 404, "model_not_found")
     after = await gw.metrics()
 
     def delta(name: str, **labels: str) -> float:

@@ -18,10 +18,6 @@ from tests.unit.helpers import (
 )
 
 
-async def _readyz(gw: Gateway) -> int:
-    return (await gw.client.get("/readyz")).status_code
-
-
 async def test_readyz_503_until_engine_up_then_200(config: Config, engine: FakeEngine) -> None:
     engine.healthy = False
     async with running_gateway(config.settings(), engine, wait_ready=False) as gw:
@@ -61,7 +57,7 @@ async def test_watcher_survives_unexpected_reconcile_error(
     engine.served_models_error = Boom("unexpected")
     async with running_gateway(config.settings(), engine, wait_ready=False) as gw:
         await wait_until(lambda: engine.health_calls >= 3, what="watcher keeps polling")
-        assert await _readyz(gw) == 503
+        assert_error(await gw.client.get("/readyz"), 503, "engine_unavailable")
         engine.served_models_error = None
         await gw.wait_ready(200)
 
