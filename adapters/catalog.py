@@ -121,7 +121,9 @@ class AdapterCatalog:
         if entry is None:
             entry = self._entries[name] = AdapterEntry(name=name, path=path)
         elif entry.path != path:
-            raise AdapterConflict(f"adapter {name!r} is already registered with another path")
+            if entry.desired or entry.loaded:
+                raise AdapterConflict(f"adapter {name!r} is already registered with another path")
+            entry.path = path  # unloaded earlier: the name is free to point elsewhere
         entry.desired = True
         return entry
 

@@ -303,3 +303,15 @@ async def test_load_validates_the_directory_before_the_engine(
         await catalog.load("a", str(tmp_path / "missing"))
     assert engine.load_calls == []
     assert catalog.get("a") is None
+
+
+async def test_unloaded_name_may_be_loaded_from_another_path(
+    catalog: AdapterCatalog, engine: FakeEngine, dirs: dict[str, str]
+) -> None:
+    await catalog.load("a", dirs["a"])
+    await catalog.unload("a")
+    entry = await catalog.load("a", dirs["b"])
+    assert entry.path == dirs["b"]
+    assert entry.loaded
+    assert catalog.is_routable("a")
+    assert "a" in engine.served
