@@ -99,9 +99,11 @@ async def watch_engine(state: GatewayState) -> None:
     status = state.engine_status
     interval = state.settings.engine.health_interval_s
     while True:
+        # Consume the wake-up flag every round: left set, the wait below would spin.
+        wanted = state.reconcile_wanted.is_set()
+        state.reconcile_wanted.clear()
         up = await state.engine.health()
-        if up and (not status.up or not status.reconciled or state.reconcile_wanted.is_set()):
-            state.reconcile_wanted.clear()
+        if up and (not status.up or not status.reconciled or wanted):
             try:
                 await state.catalog.reconcile()
                 status.reconciled = True

@@ -21,9 +21,16 @@ async def healthz() -> dict[str, str]:
 
 @router.get("/readyz")
 async def readyz(request: Request) -> Response:
-    """Ready when the engine answers and the desired adapters are registered on it."""
+    """Ready when the engine answers now and the desired adapters are registered on it.
+
+    The engine is probed live (one cheap GET) rather than trusting the watcher's last poll, so
+    an engine that died a moment ago takes this replica out of rotation at once.
+    """
     state = get_state(request)
-    if not state.ready:
+    live = state.ready and await state.engine.health()
+    if not live:
+        if state.engine_status.up and not await state.engine.health():
+            state.reconcile_wanted.set()  # wake the watcher: it notices the loss right away
         what = "adapters not registered yet" if state.engine_status.up else "engine not reachable"
         raise EngineUnavailable(
             f"Not ready: {what}.", retry_after_s=state.settings.engine.retry_after_s

@@ -67,8 +67,9 @@ async def test_engine_loss_and_return_reconciles_desired_adapters(gw: Gateway) -
     assert (await gw.chat(model="medical")).status_code == 200
     engine.healthy = False
     engine.restart()
-    await gw.wait_ready(503)
-    assert gw.state.engine_status.restarts_seen == 1
+    await gw.wait_ready(503)  # at once: /readyz probes the engine live
+    status = gw.state.engine_status
+    await wait_until(lambda: status.restarts_seen == 1, what="watcher to see the loss")
     assert not gw.state.catalog.is_routable("legal")
     metrics = await gw.metrics()
     assert metric(metrics, "loraplex_engine_up") == 0
@@ -132,3 +133,14 @@ async def test_shutdown_is_prompt_when_reconcile_was_just_requested(
         task.result()
         assert engine.closed
     assert not [t for t in asyncio.all_tasks() if t.get_name() == "engine-watcher"]
+
+
+async def test_readyz_probes_the_engine_live_and_the_watcher_does_not_spin(gw: Gateway) -> None:
+    engine = gw.engine
+    engine.healthy = False
+    # No watcher round has run yet: readiness still drops on the very next probe.
+    assert_error(await gw.client.get("/readyz"), 503, "engine_unavailable")
+    await wait_until(lambda: not gw.state.engine_status.up, what="watcher to see the loss")
+    calls = engine.health_calls
+    await asyncio.sleep(0.2)  # ~10 rounds at the fixture's 0.02 s interval, not thousands
+    assert engine.health_calls - calls < 40
