@@ -9,9 +9,9 @@ import time
 import httpx
 import openai
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
 
 from tests.e2e.harness import EXTRA_ADAPTER, KEYS, Gateway
+from tests.promtext import metric
 
 QUESTION = "What is the capital of France?"
 
@@ -27,13 +27,7 @@ def ask(gw: Gateway, tenant: str, model: str) -> str:
 
 
 def sample(gw: Gateway, name: str, **labels: str) -> float:
-    text = httpx.get(f"{gw.url}/metrics", timeout=10).text
-    total = 0.0
-    for family in text_string_to_metric_families(text):
-        for s in family.samples:
-            if s.name == name and all(s.labels.get(k) == v for k, v in labels.items()):
-                total += s.value
-    return total
+    return metric(httpx.get(f"{gw.url}/metrics", timeout=10).text, name, **labels)
 
 
 def test_admin_load_use_unload(gateway: Gateway) -> None:

@@ -12,12 +12,12 @@ from typing import Any
 import httpx
 import orjson
 from fastapi import FastAPI
-from prometheus_client.parser import text_string_to_metric_families
 from starlette.types import Message, Scope
 
 from server.app import create_app
 from server.settings import Settings
 from server.state import GatewayState
+from tests.promtext import metric as metric  # re-exported for the unit tests
 from tests.unit.fakes import FakeEngine
 
 ADMIN_KEY = "sk-test-admin"
@@ -81,16 +81,6 @@ def sse_data(text: str) -> list[str]:
         assert "\n" not in block, block
         payloads.append(block[len("data: ") :])
     return payloads
-
-
-def metric(text: str, name: str, **labels: str) -> float:
-    """Sum of the samples called `name` whose labels include `labels`."""
-    total = 0.0
-    for family in text_string_to_metric_families(text):
-        for s in family.samples:
-            if s.name == name and all(s.labels.get(k) == v for k, v in labels.items()):
-                total += s.value
-    return total
 
 
 async def wait_until(
