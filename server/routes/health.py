@@ -27,11 +27,11 @@ async def readyz(request: Request) -> Response:
     an engine that died a moment ago takes this replica out of rotation at once.
     """
     state = get_state(request)
-    live = state.ready and await state.engine.health()
-    if not live:
-        if state.engine_status.up and not await state.engine.health():
+    engine_alive = await state.engine.health()
+    if not (state.ready and engine_alive):
+        if state.engine_status.up and not engine_alive:
             state.reconcile_wanted.set()  # wake the watcher: it notices the loss right away
-        what = "adapters not registered yet" if state.engine_status.up else "engine not reachable"
+        what = "engine not reachable" if not engine_alive else "adapters not registered yet"
         raise EngineUnavailable(
             f"Not ready: {what}.", retry_after_s=state.settings.engine.retry_after_s
         )
