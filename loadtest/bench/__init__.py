@@ -1,0 +1,1 @@
+"""Benchmarks that isolate what the gateway itself costs (fake upstream, no model)."""
