@@ -15,6 +15,7 @@ from starlette.requests import Request
 
 from adapters.catalog import AdapterEntry, UnknownAdapter
 from server.pipeline import parse_request, read_body
+from server.protocol import openapi_body
 from server.state import GatewayState, get_state
 
 audit = logging.getLogger("loraplex.audit")
@@ -70,15 +71,12 @@ async def list_adapters(request: Request) -> AdapterListView:
     return AdapterListView(data=[_view(e) for e in state.catalog.entries()])
 
 
-_LOAD_BODY = {
-    "requestBody": {
-        "required": True,
-        "content": {"application/json": {"schema": LoadAdapterRequest.model_json_schema()}},
-    }
-}
-
-
-@router.post("/adapters", status_code=201, response_model=AdapterView, openapi_extra=_LOAD_BODY)
+@router.post(
+    "/adapters",
+    status_code=201,
+    response_model=AdapterView,
+    openapi_extra=openapi_body(LoadAdapterRequest),
+)
 async def load_adapter(request: Request) -> AdapterView:
     """Register an adapter directory (on the engine's filesystem) under `name` and load it."""
     state = get_state(request)

@@ -11,7 +11,13 @@ from starlette.responses import Response
 
 from server.errors import LoraplexError
 from server.pipeline import generate
-from server.protocol import ChatCompletionRequest, CompletionRequest, ModelCard, ModelList
+from server.protocol import (
+    ChatCompletionRequest,
+    CompletionRequest,
+    ModelCard,
+    ModelList,
+    openapi_body,
+)
 from server.relay import RequestRecord
 from server.state import get_state
 
@@ -29,15 +35,6 @@ _ERRORS: dict[int | str, dict[str, Any]] = {
         (504, "Engine timeout"),
     ]
 }
-
-
-def _body_schema(model: type[ChatCompletionRequest] | type[CompletionRequest]) -> dict[str, Any]:
-    return {
-        "requestBody": {
-            "required": True,
-            "content": {"application/json": {"schema": model.model_json_schema()}},
-        }
-    }
 
 
 async def _serve(request: Request, kind: str) -> Response:
@@ -62,13 +59,13 @@ async def _serve(request: Request, kind: str) -> Response:
 
 
 @router.post(
-    "/v1/chat/completions", responses=_ERRORS, openapi_extra=_body_schema(ChatCompletionRequest)
+    "/v1/chat/completions", responses=_ERRORS, openapi_extra=openapi_body(ChatCompletionRequest)
 )
 async def chat_completions(request: Request) -> Response:
     return await _serve(request, "chat")
 
 
-@router.post("/v1/completions", responses=_ERRORS, openapi_extra=_body_schema(CompletionRequest))
+@router.post("/v1/completions", responses=_ERRORS, openapi_extra=openapi_body(CompletionRequest))
 async def completions(request: Request) -> Response:
     return await _serve(request, "completions")
 
