@@ -48,6 +48,7 @@ LIBRARIES = (
 # Files of this package that do not influence the output (so editing them keeps the cache).
 NOT_BUILD_INPUTS = {"verify_demo.py"}
 SERVED_BASE_NAME = "base"
+SIDECAR = "loraplex.json"  # adapters.validate.SIDECAR; this module runs without the gateway
 QUESTION = "{question}"
 
 _t0 = time.perf_counter()
@@ -168,6 +169,9 @@ def build(work: Path, downloads: Path, final: Path) -> dict[str, Any]:
         # peft keeps target_modules as a set: its order follows PYTHONHASHSEED, the digest must not
         cfg["target_modules"] = sorted(cfg["target_modules"])
         cfg_path.write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
+        # Base identity sidecar (docs/adapters.md): outside the adapter digest, read by validation.
+        sidecar = {"base_digest": base_digest}
+        (out / SIDECAR).write_text(json.dumps(sidecar, indent=2, sort_keys=True) + "\n")
         timings[f"train_{name}"] = time.perf_counter() - t
         adapters.append(
             {
