@@ -1,0 +1,646 @@
+"""The persistent adapter registry: versions, aliases, tenants and the audit log.
+
+Storage is SQLAlchemy 2 async: a SQLite file by default (WAL, one gateway replica) or
+PostgreSQL by URL (several replicas). Every mutation is one transaction that also writes its
+audit entry and bumps a generation counter; the request path never queries the database, it
+reads an immutable in-memory `Snapshot` that is swapped after each local change and reloaded
+when another replica's change bumped the generation (`refresh_if_changed`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import AsyncIterator, Mapping
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy.engine import Connection
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
+
+from adapters import registry_schema as t
+from adapters.types import DEFAULT_ALIAS, AdapterRef, AdapterVersion, VersionState
+from server.errors import Conflict, NotFound
+
+MIGRATIONS = Path(__file__).resolve().parent / "migrations"
+MIGRATION_LOCK_ID = 0x10AA_B1E4  # PostgreSQL advisory lock: one replica migrates at a time
+LIVE_STATES = (VersionState.REGISTERED, VersionState.VALIDATED)
+
+
+class VersionNotFound(NotFound):
+    code = "adapter_not_found"
+
+
+class VersionInUse(Conflict):
+    code = "version_in_use"
+
+
+class InvalidTransition(Conflict):
+    code = "invalid_state_transition"
+
+
+class TenantNotFound(NotFound):
+    code = "tenant_not_found"
+
+
+class TenantExists(Conflict):
+    code = "tenant_exists"
+
+
+@dataclass(frozen=True, slots=True)
+class Actor:
+    """Who asked for a mutation (audit): the admin key's id, an optional human name."""
+
+    name: str
+    request_id: str | None = None
+
+
+SYSTEM = Actor("system")
+
+
+@dataclass(frozen=True, slots=True)
+class Quotas:
+    max_adapters: int | None = None
+    requests_per_minute: int | None = None
+    tokens_per_minute: int | None = None
+
+    def as_dict(self) -> dict[str, int | None]:
+        return {
+            "max_adapters": self.max_adapters,
+            "requests_per_minute": self.requests_per_minute,
+            "tokens_per_minute": self.tokens_per_minute,
+        }
+
+
+@dataclass(frozen=True, slots=True)
+class TenantRecord:
+    name: str
+    key_digests: tuple[str, ...]
+    adapters: frozenset[str]
+    default: str | None = None
+    quotas: Quotas = field(default_factory=Quotas)
+
+    def as_audit(self) -> dict[str, Any]:
+        """Audit view: key digests shortened (they identify keys, they are not secrets to log)."""
+        return {
+            "keys": [d[:12] for d in self.key_digests],
+            "adapters": sorted(self.adapters),
+            "default": self.default,
+            "quotas": self.quotas.as_dict(),
+        }
+
+
+@dataclass(frozen=True, slots=True)
+class AuditEntry:
+    id: int
+    at: float
+    actor: str
+    action: str
+    target: str
+    before: Any
+    after: Any
+    request_id: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class NewVersion:
+    """What registration knows about a version before the registry numbers it."""
+
+    digest: str
+    base_digest: str | None
+    rank: int
+    alpha: float
+    target_modules: tuple[str, ...]
+    size_bytes: int
+    source_uri: str
+    path: str
+    metadata: Mapping[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True)
+class Snapshot:
+    """An immutable view of the registry; the request path resolves names against it."""
+
+    generation: int = -1
+    versions: Mapping[tuple[str, int], AdapterVersion] = field(default_factory=dict)
+    aliases: Mapping[tuple[str, str], int] = field(default_factory=dict)
+    tenants: Mapping[str, TenantRecord] = field(default_factory=dict)
+
+    def resolve(self, ref: AdapterRef) -> AdapterVersion | None:
+        """The version a reference means now: explicit number, alias, or the `stable` alias."""
+        if ref.version is not None:
+            return self.versions.get((ref.name, ref.version))
+        number = self.aliases.get((ref.name, ref.alias or DEFAULT_ALIAS))
+        return None if number is None else self.versions.get((ref.name, number))
+
+    def names(self) -> list[str]:
+        return sorted({name for name, _ in self.versions})
+
+    def versions_of(self, name: str) -> list[AdapterVersion]:
+        return sorted(
+            (v for (n, _), v in self.versions.items() if n == name), key=lambda v: v.version
+        )
+
+    def aliases_of(self, name: str) -> dict[str, int]:
+        return {a: v for (n, a), v in sorted(self.aliases.items()) if n == name}
+
+    def aliases_pointing_at(self, name: str, version: int) -> list[str]:
+        return [a for (n, a), v in sorted(self.aliases.items()) if n == name and v == version]
+
+
+class Registry:
+    """Async facade over the registry database; one per gateway process."""
+
+    def __init__(self, engine: AsyncEngine) -> None:
+        self._engine = engine
+        self.snapshot = Snapshot()
+        self._write_lock = asyncio.Lock()  # SQLite has one writer; keeps audit order simple
+
+    @classmethod
+    async def open(cls, url: str, interrupted_after_s: float = 600.0) -> Registry:
+        """Connect, migrate to the newest schema, repair interrupted registrations, load."""
+        if url.startswith("sqlite"):
+            db = url.split("///", 1)[1] if "///" in url else ""
+            if db and db != ":memory:":
+                Path(db).parent.mkdir(parents=True, exist_ok=True)
+        engine = create_async_engine(url, pool_pre_ping=not url.startswith("sqlite"))
+        if engine.dialect.name == "sqlite":
+            sa.event.listen(engine.sync_engine, "connect", _sqlite_pragmas)
+        registry = cls(engine)
+        async with engine.begin() as conn:
+            if engine.dialect.name == "postgresql":
+                await conn.execute(sa.select(sa.func.pg_advisory_xact_lock(MIGRATION_LOCK_ID)))
+            await conn.run_sync(_upgrade)
+        # A SQLite file has one gateway; with PostgreSQL another replica may be mid-registration.
+        cutoff = (
+            time.time() if engine.dialect.name == "sqlite" else time.time() - interrupted_after_s
+        )
+        await registry._reject_interrupted(cutoff)
+        await registry.reload()
+        return registry
+
+    async def close(self) -> None:
+        await self._engine.dispose()
+
+    @property
+    def dialect(self) -> str:
+        return self._engine.dialect.name
+
+    # -- reading -----------------------------------------------------------------------------
+
+    async def generation(self) -> int:
+        async with self._engine.connect() as conn:
+            return int((await conn.execute(sa.select(t.registry_meta.c.generation))).scalar_one())
+
+    async def refresh_if_changed(self) -> bool:
+        """Reload the snapshot when another replica changed the registry."""
+        if await self.generation() == self.snapshot.generation:
+            return False
+        await self.reload()
+        return True
+
+    async def reload(self) -> Snapshot:
+        async with self._engine.connect() as conn:
+            self.snapshot = await _load_snapshot(conn)
+        return self.snapshot
+
+    async def audit_entries(
+        self, limit: int = 100, before_id: int | None = None
+    ) -> list[AuditEntry]:
+        q = sa.select(t.audit_log).order_by(t.audit_log.c.id.desc()).limit(limit)
+        if before_id is not None:
+            q = q.where(t.audit_log.c.id < before_id)
+        async with self._engine.connect() as conn:
+            rows = (await conn.execute(q)).mappings().all()
+        return [
+            AuditEntry(
+                r["id"],
+                r["at"],
+                r["actor"],
+                r["action"],
+                r["target"],
+                r["before"],
+                r["after"],
+                r["request_id"],
+            )
+            for r in rows
+        ]
+
+    # -- adapter versions ----------------------------------------------------------------------
+
+    async def add_version(
+        self, name: str, new: NewVersion, state: VersionState, actor: Actor
+    ) -> AdapterVersion:
+        """Number and store a version in one transaction (a kill leaves it whole or absent)."""
+        now = time.time()
+        async with self._mutation() as conn:
+            last = (
+                await conn.execute(
+                    sa.select(t.adapter_names.c.last_version).where(t.adapter_names.c.name == name)
+                )
+            ).scalar_one_or_none()
+            if last is None:
+                await conn.execute(
+                    sa.insert(t.adapter_names).values(name=name, last_version=0, created_at=now)
+                )
+                last = 0
+            # Row lock on PostgreSQL: concurrent registrations of one name get distinct numbers.
+            number = (
+                await conn.execute(
+                    sa.update(t.adapter_names)
+                    .where(t.adapter_names.c.name == name, t.adapter_names.c.last_version == last)
+                    .values(last_version=last + 1)
+                    .returning(t.adapter_names.c.last_version)
+                )
+            ).scalar_one_or_none()
+            if number is None:
+                raise Conflict(f"adapter {name!r} was registered concurrently; try again")
+            row = {
+                "name": name,
+                "version": number,
+                "digest": new.digest,
+                "base_digest": new.base_digest,
+                "rank": new.rank,
+                "alpha": new.alpha,
+                "target_modules": list(new.target_modules),
+                "size_bytes": new.size_bytes,
+                "source_uri": new.source_uri,
+                "path": new.path,
+                "state": state.value,
+                "state_reason": None,
+                "pinned": False,
+                "meta": dict(new.metadata),
+                "created_at": now,
+                "updated_at": now,
+            }
+            await conn.execute(sa.insert(t.adapter_versions).values(**row))
+            version = _version_from_row(row)
+            await _audit(
+                conn, actor, "adapter.register", version.label, None, _version_audit(version)
+            )
+        return version
+
+    async def set_state(
+        self,
+        name: str,
+        version: int,
+        state: VersionState,
+        actor: Actor,
+        reason: str | None = None,
+        expect: tuple[VersionState, ...] | None = None,
+    ) -> AdapterVersion:
+        """Move a version's state; `expect` guards against a concurrent change."""
+        async with self._mutation() as conn:
+            before = await _get_version(conn, name, version)
+            if expect is not None and before.state not in expect:
+                raise InvalidTransition(
+                    f"{before.label} is {before.state.value}, expected "
+                    + " or ".join(s.value for s in expect)
+                )
+            if state in (VersionState.RETIRED, VersionState.REJECTED):
+                in_use = await _alias_users(conn, name, version)
+                if in_use:
+                    raise VersionInUse(
+                        f"{before.label} is the target of alias {', '.join(in_use)}; move it first"
+                    )
+            await conn.execute(
+                sa.update(t.adapter_versions)
+                .where(t.adapter_versions.c.name == name, t.adapter_versions.c.version == version)
+                .values(state=state.value, state_reason=reason, updated_at=time.time())
+            )
+            after = replace(before, state=state, state_reason=reason)
+            await _audit(
+                conn,
+                actor,
+                f"adapter.{state.value}",
+                before.label,
+                {"state": before.state.value},
+                {"state": state.value, "reason": reason},
+            )
+        return after
+
+    async def set_pinned(
+        self, name: str, version: int, pinned: bool, actor: Actor
+    ) -> AdapterVersion:
+        async with self._mutation() as conn:
+            before = await _get_version(conn, name, version)
+            await conn.execute(
+                sa.update(t.adapter_versions)
+                .where(t.adapter_versions.c.name == name, t.adapter_versions.c.version == version)
+                .values(pinned=pinned, updated_at=time.time())
+            )
+            await _audit(
+                conn,
+                actor,
+                "adapter.pin" if pinned else "adapter.unpin",
+                before.label,
+                {"pinned": before.pinned},
+                {"pinned": pinned},
+            )
+        return replace(before, pinned=pinned)
+
+    async def set_alias(
+        self, name: str, alias: str, version: int | None, actor: Actor, *, ready_only: bool = True
+    ) -> tuple[int | None, int | None]:
+        """Point `name@alias` at `version` (None removes it) atomically; returns (before, after)."""
+        async with self._mutation() as conn:
+            c = t.aliases.c
+            before = (
+                await conn.execute(sa.select(c.version).where(c.name == name, c.alias == alias))
+            ).scalar_one_or_none()
+            if version is None:
+                if before is None:
+                    raise VersionNotFound(f"no alias {name}@{alias}")
+                await conn.execute(sa.delete(t.aliases).where(c.name == name, c.alias == alias))
+            else:
+                target = await _get_version(conn, name, version)
+                if ready_only and target.state is not VersionState.READY:
+                    raise InvalidTransition(
+                        f"{target.label} is {target.state.value}; only ready versions take aliases"
+                    )
+                now = time.time()
+                if before is None:
+                    await conn.execute(
+                        sa.insert(t.aliases).values(
+                            name=name, alias=alias, version=version, updated_at=now
+                        )
+                    )
+                else:
+                    await conn.execute(
+                        sa.update(t.aliases)
+                        .where(c.name == name, c.alias == alias)
+                        .values(version=version, updated_at=now)
+                    )
+            await _audit(
+                conn,
+                actor,
+                "alias.set" if version is not None else "alias.delete",
+                f"{name}@{alias}",
+                {"version": before},
+                {"version": version},
+            )
+        return before, version
+
+    async def delete_version(self, name: str, version: int, actor: Actor) -> AdapterVersion:
+        """Forget a version (its number is never reused); refused while an alias points at it."""
+        async with self._mutation() as conn:
+            before = await _get_version(conn, name, version)
+            users = await _alias_users(conn, name, version)
+            if users:
+                raise VersionInUse(
+                    f"{before.label} is the target of alias {', '.join(users)}; "
+                    "move or delete the alias first"
+                )
+            await conn.execute(
+                sa.delete(t.adapter_versions).where(
+                    t.adapter_versions.c.name == name, t.adapter_versions.c.version == version
+                )
+            )
+            await _audit(conn, actor, "adapter.delete", before.label, _version_audit(before), None)
+        return before
+
+    # -- tenants ---------------------------------------------------------------------------------
+
+    async def put_tenant(
+        self, record: TenantRecord, actor: Actor, *, create: bool | None = None
+    ) -> TenantRecord | None:
+        """Create or replace a tenant; `create=True` refuses an existing name, False a new one.
+        Returns the previous record."""
+        async with self._mutation() as conn:
+            before = await _get_tenant(conn, record.name)
+            if create is True and before is not None:
+                raise TenantExists(f"tenant {record.name!r} exists")
+            if create is False and before is None:
+                raise TenantNotFound(f"no tenant named {record.name!r}")
+            now = time.time()
+            values = {
+                "key_digests": list(record.key_digests),
+                "adapters": sorted(record.adapters),
+                "default_model": record.default,
+                "quotas": record.quotas.as_dict(),
+                "updated_at": now,
+            }
+            if before is None:
+                await conn.execute(
+                    sa.insert(t.tenants).values(name=record.name, created_at=now, **values)
+                )
+            else:
+                await conn.execute(
+                    sa.update(t.tenants).where(t.tenants.c.name == record.name).values(**values)
+                )
+            await _audit(
+                conn,
+                actor,
+                "tenant.create" if before is None else "tenant.update",
+                f"tenant:{record.name}",
+                before.as_audit() if before else None,
+                record.as_audit(),
+            )
+        return before
+
+    async def delete_tenant(self, name: str, actor: Actor) -> TenantRecord:
+        async with self._mutation() as conn:
+            before = await _get_tenant(conn, name)
+            if before is None:
+                raise TenantNotFound(f"no tenant named {name!r}")
+            await conn.execute(sa.delete(t.tenants).where(t.tenants.c.name == name))
+            await _audit(conn, actor, "tenant.delete", f"tenant:{name}", before.as_audit(), None)
+        return before
+
+    async def seed_tenants(self, records: list[TenantRecord]) -> list[str]:
+        """Insert tenants from the bootstrap file that the registry does not hold yet."""
+        added = []
+        for record in records:
+            if record.name in self.snapshot.tenants:
+                continue
+            try:
+                await self.put_tenant(record, SYSTEM, create=True)
+            except TenantExists:
+                continue  # another replica seeded it first
+            added.append(record.name)
+        return added
+
+    async def record_audit(self, actor: Actor, action: str, target: str, after: Any) -> None:
+        """An audit entry for an action that changed nothing stored (e.g. a refused register)."""
+        async with self._engine.begin() as conn:
+            await _audit(conn, actor, action, target, None, after)
+
+    # -- plumbing ------------------------------------------------------------------------------
+
+    @contextlib.asynccontextmanager
+    async def _mutation(self) -> AsyncIterator[AsyncConnection]:
+        """One serialized transaction (its audit rows bump the generation), then a reload."""
+        async with self._write_lock, self._engine.begin() as conn:
+            yield conn
+        await self.reload()
+
+    async def _reject_interrupted(self, cutoff: float) -> None:
+        c = t.adapter_versions.c
+        async with self._engine.begin() as conn:
+            rows = (
+                await conn.execute(
+                    sa.select(c.name, c.version).where(
+                        c.state.in_([s.value for s in LIVE_STATES]), c.updated_at <= cutoff
+                    )
+                )
+            ).all()
+            if not rows:
+                return
+            reason = "registration interrupted before it finished; register again"
+            for name, version in rows:
+                await conn.execute(
+                    sa.update(t.adapter_versions)
+                    .where(c.name == name, c.version == version)
+                    .values(
+                        state=VersionState.REJECTED.value,
+                        state_reason=reason,
+                        updated_at=time.time(),
+                    )
+                )
+                await _audit(
+                    conn,
+                    SYSTEM,
+                    "adapter.rejected",
+                    f"{name}@{version}",
+                    None,
+                    {"state": "rejected", "reason": reason},
+                )
+            await _bump(conn)
+
+
+def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
+    cur = dbapi_conn.cursor()
+    cur.execute("PRAGMA journal_mode=WAL")
+    cur.execute("PRAGMA synchronous=FULL")
+    cur.execute("PRAGMA foreign_keys=ON")
+    cur.execute("PRAGMA busy_timeout=10000")
+    cur.close()
+
+
+def _upgrade(sync_conn: Connection) -> None:
+    from alembic import command
+    from alembic.config import Config
+
+    cfg = Config()
+    cfg.set_main_option("script_location", str(MIGRATIONS))
+    cfg.attributes["connection"] = sync_conn
+    command.upgrade(cfg, "head")
+
+
+async def _bump(conn: AsyncConnection) -> None:
+    await conn.execute(
+        sa.update(t.registry_meta).values(generation=t.registry_meta.c.generation + 1)
+    )
+
+
+async def _audit(
+    conn: AsyncConnection, actor: Actor, action: str, target: str, before: Any, after: Any
+) -> None:
+    await conn.execute(
+        sa.insert(t.audit_log).values(
+            at=time.time(),
+            actor=actor.name,
+            action=action,
+            target=target[:200],
+            before=before,
+            after=after,
+            request_id=actor.request_id,
+        )
+    )
+    await _bump(conn)
+
+
+async def _alias_users(conn: AsyncConnection, name: str, version: int) -> list[str]:
+    c = t.aliases.c
+    rows = await conn.execute(
+        sa.select(c.alias).where(c.name == name, c.version == version).order_by(c.alias)
+    )
+    return list(rows.scalars().all())
+
+
+async def _get_version(conn: AsyncConnection, name: str, version: int) -> AdapterVersion:
+    c = t.adapter_versions.c
+    row = (
+        (
+            await conn.execute(
+                sa.select(t.adapter_versions).where(c.name == name, c.version == version)
+            )
+        )
+        .mappings()
+        .first()
+    )
+    if row is None:
+        raise VersionNotFound(f"no adapter version {name}@{version}")
+    return _version_from_row(row)
+
+
+async def _get_tenant(conn: AsyncConnection, name: str) -> TenantRecord | None:
+    row = (
+        (await conn.execute(sa.select(t.tenants).where(t.tenants.c.name == name)))
+        .mappings()
+        .first()
+    )
+    return None if row is None else _tenant_from_row(row)
+
+
+async def _load_snapshot(conn: AsyncConnection) -> Snapshot:
+    generation = int((await conn.execute(sa.select(t.registry_meta.c.generation))).scalar_one())
+    versions = {}
+    for row in (await conn.execute(sa.select(t.adapter_versions))).mappings():
+        v = _version_from_row(row)
+        versions[(v.name, v.version)] = v
+    aliases = {
+        (r.name, r.alias): r.version for r in (await conn.execute(sa.select(t.aliases))).all()
+    }
+    tenants = {
+        r["name"]: _tenant_from_row(r)
+        for r in (await conn.execute(sa.select(t.tenants))).mappings()
+    }
+    return Snapshot(generation, versions, aliases, tenants)
+
+
+def _version_from_row(row: Mapping[Any, Any]) -> AdapterVersion:
+    return AdapterVersion(
+        name=row["name"],
+        version=row["version"],
+        digest=row["digest"],
+        base_digest=row["base_digest"],
+        rank=row["rank"],
+        alpha=row["alpha"],
+        target_modules=tuple(row["target_modules"]),
+        size_bytes=row["size_bytes"],
+        source_uri=row["source_uri"],
+        path=row["path"],
+        state=VersionState(row["state"]),
+        created_at=row["created_at"],
+        state_reason=row["state_reason"],
+        pinned=bool(row["pinned"]),
+        metadata=dict(row["meta"] or {}),
+    )
+
+
+def _tenant_from_row(row: Mapping[Any, Any]) -> TenantRecord:
+    q = row["quotas"] or {}
+    return TenantRecord(
+        name=row["name"],
+        key_digests=tuple(row["key_digests"]),
+        adapters=frozenset(row["adapters"]),
+        default=row["default_model"],
+        quotas=Quotas(
+            q.get("max_adapters"), q.get("requests_per_minute"), q.get("tokens_per_minute")
+        ),
+    )
+
+
+def _version_audit(v: AdapterVersion) -> dict[str, Any]:
+    return {
+        "digest": v.digest,
+        "base_digest": v.base_digest,
+        "rank": v.rank,
+        "source": v.source_uri,
+        "state": v.state.value,
+        "metadata": v.metadata,
+    }
