@@ -1,4 +1,4 @@
-"""`loraplex` command line: serve the gateway, prepare the demo model, hash keys."""
+"""`loraplex` command line: serve the gateway, prepare the demo model, hash keys, load-test."""
 
 from __future__ import annotations
 
@@ -38,6 +38,13 @@ def main(argv: list[str] | None = None) -> int:
     keys = sub.add_parser("hash-key", help="print the sha256 digest to store for an API key")
     keys.add_argument("key")
 
+    sub.add_parser("loadtest", help="run a load-test scenario (`loraplex loadtest --help`)")
+
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["loadtest"]:  # its own parser; numpy/matplotlib imported only here
+        from loadtest.cli import main as loadtest_main
+
+        return loadtest_main(argv[1:])
     args = parser.parse_args(argv)
     if args.command == "serve":
         return _serve(args)
