@@ -1,6 +1,9 @@
 """A fast fake OpenAI/vLLM upstream: fixed answers, optional SSE, the LoRA admin endpoints.
 
-Used so that only proxy cost is measured. `python -m loadtest.bench.fake_upstream --port 9100`.
+Used so that only proxy cost is measured. Streams send EVENTS text events (plus a usage chunk
+when `stream_options.include_usage` asks for it, as vLLM does) and count what they sent, so a
+benchmark can compare events sent with events received (`GET /stats`, `POST /stats/reset`).
+`python -m loadtest.bench.fake_upstream --port 9100`.
 """
 
 from __future__ import annotations
@@ -14,28 +17,68 @@ ANSWER = orjson.dumps(
     {
         "id": "cmpl-fake",
         "object": "chat.completion",
+        "created": 0,
         "model": "base",
-        "choices": [{"index": 0, "message": {"role": "assistant", "content": "ok"}}],
+        "choices": [
+            {
+                "index": 0,
+                "message": {"role": "assistant", "content": "ok"},
+                "finish_reason": "stop",
+            }
+        ],
         "usage": {"prompt_tokens": 8, "completion_tokens": 1, "total_tokens": 9},
     }
 )
-CHUNK = b'data: {"choices":[{"index":0,"delta":{"content":"x"}}]}\n\n'
+TEXT_ANSWER = orjson.dumps(
+    {
+        "id": "cmpl-fake",
+        "object": "text_completion",
+        "created": 0,
+        "model": "base",
+        "choices": [{"index": 0, "text": "ok", "finish_reason": "stop"}],
+        "usage": {"prompt_tokens": 8, "completion_tokens": 1, "total_tokens": 9},
+    }
+)
+CHUNK = (
+    b'data: {"id":"cmpl-fake","object":"chat.completion.chunk","created":0,"model":"base",'
+    b'"choices":[{"index":0,"delta":{"content":"x"},"finish_reason":null}]}\n\n'
+)
+USAGE = (
+    b'data: {"choices":[],"usage":{"prompt_tokens":8,"completion_tokens":16,"total_tokens":24}}\n\n'
+)
 EVENTS = 16
 
 
 def build_app() -> web.Application:
     adapters: set[str] = set()
+    sent = {"requests": 0, "streams": 0, "events": 0}
 
     async def generate(request: web.Request) -> web.StreamResponse:
         body = orjson.loads(await request.read())
+        sent["requests"] += 1
         if not body.get("stream"):
-            return web.Response(body=ANSWER, content_type="application/json")
+            chat = request.path.endswith("/chat/completions")
+            return web.Response(
+                body=ANSWER if chat else TEXT_ANSWER, content_type="application/json"
+            )
+        sent["streams"] += 1
         resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
         await resp.prepare(request)
         for _ in range(EVENTS):
             await resp.write(CHUNK)
+        sent["events"] += EVENTS
+        if (body.get("stream_options") or {}).get("include_usage"):
+            await resp.write(USAGE)  # not counted: the gateway may strip what it asked for
         await resp.write(b"data: [DONE]\n\n")
         return resp
+
+    async def stats(_: web.Request) -> web.Response:
+        return web.json_response(sent)
+
+    async def reset(_: web.Request) -> web.Response:
+        for k in sent:
+            sent[k] = 0
+        return web.json_response(sent)
 
     async def models(_: web.Request) -> web.Response:
         data = [{"id": n, "object": "model"} for n in ["base", *sorted(adapters)]]
@@ -61,6 +104,8 @@ def build_app() -> web.Application:
             web.post("/v1/load_lora_adapter", load),
             web.post("/v1/unload_lora_adapter", unload),
             web.get("/health", health),
+            web.get("/stats", stats),
+            web.post("/stats/reset", reset),
         ]
     )
     return app

@@ -1,35 +1,50 @@
-"""Gateway overhead benchmark: the same workload direct to a fake upstream, through minimal
-passthrough proxies (httpx and aiohttp clients), and through loraplex (auth + adapter selection
-+ metrics on), in one run, at several concurrencies. Prints latency p50/p99, RPS and the ratios
-that matter; absolute numbers on a shared 2-core machine mean little, ratios do.
+"""Gateway overhead benchmark: one workload, in one run, sent
+  direct                 to a fake OpenAI upstream (fixed answers, no model),
+  passthrough-httpx      through a minimal Starlette + httpx.AsyncClient proxy,
+  passthrough-aiohttp    through the same proxy on an aiohttp.ClientSession,
+  loraplex               through the gateway (auth, tenant entitlement, adapter selection,
+                         request ids, metrics, access log),
+  litellm                through LiteLLM's proxy (own venv, installed on first use),
+at several concurrencies plus a saturation level. Prints latency p50/p99 and what each adds to
+`direct`, RPS, saturation RPS, the ratios loraplex/passthrough and loraplex/LiteLLM, and for
+streams the fidelity (events sent by the upstream vs received, HTTP chunks per event, added
+inter-event delay p99). Absolute numbers on a shared 2-core machine mean little; ratios do.
 
-    python -m loadtest.bench.overhead [--concurrency 1 8 32] [--seconds 5] [--stream]
+    python -m loadtest.bench.overhead [--concurrency 1 8 32] [--saturation 64] [--seconds 5]
+        [--stream] [--skip litellm] [--json out.json]
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
-import os
-import socket
-import statistics
-import subprocess
+import itertools
+import json
 import sys
 import tempfile
-import time
-from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
-import aiohttp
 import httpx
 import orjson
 
-from server.auth import hash_key
+from loadtest.bench import litellm_proxy
+from loadtest.bench.procs import (
+    BENCH_KEY,
+    PY,
+    Fleet,
+    fake_adapter_dir,
+    fleet,
+    free_port,
+    gateway_cmd,
+    gateway_config,
+)
+from loadtest.driver import LevelRun, run_closed
+from loadtest.stats import percentile
+from loadtest.workload import RequestSpec
 
-KEY = "sk-bench"
-BODY = {"model": "bench", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 1}
+TARGETS = ("direct", "passthrough-httpx", "passthrough-aiohttp", "loraplex", "litellm")
+MODEL = "bench"
 
 
 @dataclass
@@ -40,183 +55,182 @@ class Result:
     p99_ms: float
     rps: float
     errors: int
+    sent_events: int = 0  # by the upstream, during the measured window
+    text_events: int = 0  # received by the client
+    chunks: int = 0
+    streams: int = 0
+    gap_p99_ms: float = 0.0
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
+def spec(stream: bool, model: str = MODEL) -> RequestSpec:
+    body: dict[str, object] = {
+        "model": model,
+        "messages": [{"role": "user", "content": "hi"}],
+        "max_tokens": 1,
+    }
+    if stream:
+        body["stream"] = True
+    headers = {"Authorization": f"Bearer {BENCH_KEY}", "Content-Type": "application/json"}
+    return RequestSpec(
+        "bench", model, "bench", stream, 1, "/v1/chat/completions", headers, orjson.dumps(body)
+    )
 
 
-def wait_ready(url: str, timeout_s: float = 30) -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        with contextlib.suppress(httpx.TransportError):
-            if httpx.get(url, timeout=1).status_code < 500:
-                return
-        time.sleep(0.1)
-    raise RuntimeError(f"{url} did not come up")
-
-
-@contextlib.contextmanager
-def servers(workdir: Path) -> Iterator[dict[str, str]]:
-    """Start the fake upstream, both passthroughs and the gateway; yield target URLs."""
-    py = sys.executable
-    up, ph, pa, gw = (free_port() for _ in range(4))
+def start_targets(f: Fleet, workdir: Path, targets: list[str]) -> dict[str, str]:
+    """Start the fake upstream and the requested targets; return their base URLs."""
+    up = free_port()
     upstream = f"http://127.0.0.1:{up}"
-    adapter = workdir / "bench"
-    adapter.mkdir()
-    for f in ("adapter_config.json", "adapter_model.safetensors"):
-        (adapter / f).write_text("{}")
-    (workdir / "tenants.yaml").write_text(
-        f"tenants:\n  bench:\n    key_sha256: {hash_key(KEY)}\n    adapters: [bench]\n"
-        "    default: bench\n"
-    )
-    (workdir / "adapters.yaml").write_text(f"adapters:\n  bench: {adapter}\n")
-    env = {**os.environ, "LORAPLEX_ENGINE__URL": upstream, "LORAPLEX_LOG_LEVEL": "warning"}
-    cmds = [
-        [py, "-m", "loadtest.bench.fake_upstream", "--port", str(up)],
-        [
-            py,
-            "-m",
-            "loadtest.bench.passthrough",
-            "--port",
-            str(ph),
-            "--upstream",
-            upstream,
-            "--client",
-            "httpx",
-        ],
-        [
-            py,
-            "-m",
-            "loadtest.bench.passthrough",
-            "--port",
-            str(pa),
-            "--upstream",
-            upstream,
-            "--client",
-            "aiohttp",
-        ],
-        [
-            py,
-            "-m",
-            "server.main",
-            "serve",
-            "--port",
-            str(gw),
-            "--tenants-file",
-            str(workdir / "tenants.yaml"),
-            "--adapters-file",
-            str(workdir / "adapters.yaml"),
-        ],
-    ]
-    procs = [subprocess.Popen(c, env=env, stdout=subprocess.DEVNULL) for c in cmds]
-    try:
-        wait_ready(f"{upstream}/health")
-        wait_ready(f"http://127.0.0.1:{gw}/readyz")
-        for port in (ph, pa):
-            wait_ready(f"http://127.0.0.1:{port}/v1/models")
-        yield {
-            "direct": upstream,
-            "passthrough-httpx": f"http://127.0.0.1:{ph}",
-            "passthrough-aiohttp": f"http://127.0.0.1:{pa}",
-            "loraplex": f"http://127.0.0.1:{gw}",
-        }
-    finally:
-        for p in procs:
-            p.terminate()
-        for p in procs:
-            p.wait(10)
+    f.start("direct", [PY, "-m", "loadtest.bench.fake_upstream", "--port", str(up)])
+    f.ready("direct", upstream + "/health")
+    urls = {"direct": upstream}
+    for client in ("httpx", "aiohttp"):
+        name = f"passthrough-{client}"
+        if name in targets:
+            port = free_port()
+            cmd = [PY, "-m", "loadtest.bench.passthrough", "--port", str(port)]
+            f.start(name, [*cmd, "--upstream", upstream, "--client", client])
+            urls[name] = f"http://127.0.0.1:{port}"
+    if "loraplex" in targets:
+        port = free_port()
+        args, env = gateway_config(workdir / "gw", {MODEL: fake_adapter_dir(workdir)})
+        env |= {"LORAPLEX_ENGINE__URL": upstream, "LORAPLEX_LOG_LEVEL": "info"}
+        f.start("loraplex", gateway_cmd(port, args), env)
+        urls["loraplex"] = f"http://127.0.0.1:{port}"
+    if "litellm" in targets:
+        port = free_port()
+        litellm_proxy.write_config(workdir / "litellm.yaml", upstream, MODEL)
+        log = f.logdir / "litellm.log"
+        f.adopt("litellm", litellm_proxy.start(workdir / "litellm.yaml", port, BENCH_KEY, log))
+        urls["litellm"] = f"http://127.0.0.1:{port}"
+    for name, url in urls.items():
+        probe = {"loraplex": "/readyz", "litellm": "/health/liveliness"}.get(name, "/v1/models")
+        if name != "direct":
+            f.ready(name, url + probe, timeout_s=180 if name == "litellm" else 60)
+    return {t: urls[t] for t in targets}
 
 
-async def drive(url: str, concurrency: int, seconds: float, stream: bool) -> Result | None:
-    """Closed loop: `concurrency` workers send back-to-back requests for `seconds`."""
-    body = orjson.dumps({**BODY, "stream": stream})
-    headers = {"Authorization": f"Bearer {KEY}", "Content-Type": "application/json"}
-    latencies: list[float] = []
-    errors = 0
-    connector = aiohttp.TCPConnector(limit=concurrency)
-    async with aiohttp.ClientSession(connector=connector) as session:
+async def measure(
+    url: str, upstream: str, concurrency: int, seconds: float, stream: bool, model: str
+) -> tuple[LevelRun, int]:
+    """Warm up, reset the upstream's counters, run the closed loop; (run, events sent)."""
+    one = spec(stream, model)
+    await run_closed(url, itertools.repeat(one), concurrency, 10**9, min(1.0, seconds / 4))
+    async with httpx.AsyncClient() as c:
+        await c.post(upstream + "/stats/reset")
+        run = await run_closed(url, itertools.repeat(one), concurrency, 10**9, seconds)
+        sent = int((await c.get(upstream + "/stats")).json()["events"])
+    return run, sent
 
-        async def worker(until: float, record: bool) -> None:
-            nonlocal errors
-            while time.perf_counter() < until:
-                t = time.perf_counter()
-                async with session.post(
-                    url + "/v1/chat/completions", data=body, headers=headers
-                ) as resp:
-                    await resp.read()
-                    ok = resp.status == 200
-                if record:
-                    latencies.append(time.perf_counter() - t)
-                    errors += not ok
 
-        warm_until = time.perf_counter() + min(1.0, seconds / 4)
-        await asyncio.gather(*(worker(warm_until, False) for _ in range(concurrency)))
-        start = time.perf_counter()
-        await asyncio.gather(*(worker(start + seconds, True) for _ in range(concurrency)))
-        elapsed = time.perf_counter() - start
-    if not latencies:
-        return None
-    ordered = sorted(latencies)
+def to_result(name: str, run: LevelRun, sent: int) -> Result:
+    ok = [r for r in run.results if r.ok]
+    lat = [r.e2e for r in ok]
+    streams = [r for r in run.results if r.stream]
+    gaps = [g for r in streams for g in r.gaps]
     return Result(
-        "",
-        concurrency,
-        statistics.median(ordered) * 1000,
-        ordered[min(len(ordered) - 1, int(0.99 * len(ordered)))] * 1000,
-        len(latencies) / elapsed,
-        errors,
+        name,
+        int(run.level),
+        (percentile(lat, 50) or 0) * 1000,
+        (percentile(lat, 99) or 0) * 1000,
+        len(ok) / run.elapsed_s,
+        len(run.results) - len(ok),
+        sent_events=sent,
+        text_events=sum(len(r.gaps) + (r.ttft is not None) for r in streams),
+        chunks=sum(r.chunks for r in streams),
+        streams=len(streams),
+        gap_p99_ms=(percentile(gaps, 99) or 0) * 1000,
     )
 
 
-def report(results: list[Result]) -> str:
-    lines = [
-        "| target | c | p50 ms | p99 ms | RPS | errors | added p50 ms vs direct |",
-        "|---|---|---|---|---|---|---|",
-    ]
-    direct = {r.concurrency: r for r in results if r.target == "direct"}
-    for r in results:
-        added = r.p50_ms - direct[r.concurrency].p50_ms
-        lines.append(
-            f"| {r.target} | {r.concurrency} | {r.p50_ms:.2f} | {r.p99_ms:.2f} | {r.rps:.0f} | "
-            f"{r.errors} | {added:+.2f} |"
-        )
-    lines.append("")
+def report(results: list[Result], stream: bool) -> str:
     by = {(r.target, r.concurrency): r for r in results}
-    for c in sorted(direct):
-        lp = by[("loraplex", c)]
-        for base in ("passthrough-httpx", "passthrough-aiohttp"):
-            b = by[(base, c)]
-            lines.append(
-                f"c={c}: loraplex/{base} RPS ratio {lp.rps / b.rps:.2f}, "
-                f"p50 ratio {lp.p50_ms / b.p50_ms:.2f}"
+    levels = sorted({r.concurrency for r in results})
+    names = [t for t in TARGETS if any(r.target == t for r in results)]
+    out = [
+        "| target | c | p50 ms | p99 ms | added p50 ms | added p99 ms | RPS | errors |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for c in levels:
+        d = by[("direct", c)]
+        for t in names:
+            r = by[(t, c)]
+            out.append(
+                f"| {t} | {c} | {r.p50_ms:.2f} | {r.p99_ms:.2f} | {r.p50_ms - d.p50_ms:+.2f} | "
+                f"{r.p99_ms - d.p99_ms:+.2f} | {r.rps:.0f} | {r.errors} |"
             )
-    return "\n".join(lines)
+    sat = {t: max(by[(t, c)].rps for c in levels) for t in names}
+    out += ["", "| target | saturation RPS (best of c=" + ",".join(map(str, levels)) + ") |"]
+    out += ["|---|---|"] + [f"| {t} | {sat[t]:.0f} |" for t in names]
+    out += ["", "| loraplex vs | c | RPS ratio | added p50 ratio | added p99 ratio |"]
+    out += ["|---|---|---|---|---|"]
+    for base in ("passthrough-aiohttp", "passthrough-httpx", "litellm"):
+        if base not in names or "loraplex" not in names:
+            continue
+        for c in levels:
+            lp, b, d = by[("loraplex", c)], by[(base, c)], by[("direct", c)]
+            out.append(
+                f"| {base} | {c} | {lp.rps / b.rps:.2f} | "
+                f"{_ratio(lp.p50_ms - d.p50_ms, b.p50_ms - d.p50_ms)} | "
+                f"{_ratio(lp.p99_ms - d.p99_ms, b.p99_ms - d.p99_ms)} |"
+            )
+        out.append(f"| {base} | saturation | {sat['loraplex'] / sat[base]:.2f} | | |")
+    if stream:
+        out += [
+            "",
+            "| target | c | events sent | events received | HTTP chunks per event | "
+            "gap p99 ms | added gap p99 ms |",
+            "|---|---|---|---|---|---|---|",
+        ]
+        for c in levels:
+            d = by[("direct", c)]
+            for t in names:
+                r = by[(t, c)]
+                per = r.chunks / (r.text_events + r.streams) if r.text_events else 0
+                out.append(
+                    f"| {t} | {c} | {r.sent_events} | {r.text_events} | {per:.2f} | "
+                    f"{r.gap_p99_ms:.3f} | {r.gap_p99_ms - d.gap_p99_ms:+.3f} |"
+                )
+    return "\n".join(out)
+
+
+def _ratio(a: float, b: float) -> str:
+    return f"{a / b:.2f}" if b > 0.005 else "-"
 
 
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32])
+    ap.add_argument("--saturation", type=int, default=64, help="extra level; 0 to skip")
     ap.add_argument("--seconds", type=float, default=5.0)
     ap.add_argument("--stream", action="store_true")
+    ap.add_argument("--skip", nargs="*", default=[], choices=TARGETS[1:])
+    ap.add_argument("--model", default=MODEL, help='"auto" sends loraplex through the router')
+    ap.add_argument("--json", type=Path, help="also write the results as JSON")
     args = ap.parse_args(argv)
+    targets = [t for t in TARGETS if t not in args.skip]
+    levels = [*args.concurrency, *([args.saturation] if args.saturation else [])]
     results: list[Result] = []
-    with tempfile.TemporaryDirectory() as tmp, servers(Path(tmp)) as targets:
-        for c in args.concurrency:
-            for name, url in targets.items():
-                r = asyncio.run(drive(url, c, args.seconds, args.stream))
-                if r is None:
+    with tempfile.TemporaryDirectory() as tmp, fleet(Path(tmp)) as f:
+        urls = start_targets(f, Path(tmp), targets)
+        for c in levels:
+            for name, url in urls.items():
+                model = args.model if name == "loraplex" else MODEL
+                run, sent = asyncio.run(
+                    measure(url, urls["direct"], c, args.seconds, args.stream, model)
+                )
+                if not run.results:
                     raise RuntimeError(f"no request completed against {name}")
-                r.target = name
+                r = to_result(name, run, sent)
                 results.append(r)
                 print(
-                    f"  {name:<20} c={c:<3} p50 {r.p50_ms:7.2f} ms  {r.rps:7.0f} RPS",
+                    f"  {name:<20} c={c:<3} p50 {r.p50_ms:7.2f} ms  {r.rps:7.0f} RPS"
+                    f"  errors {r.errors}",
                     file=sys.stderr,
                     flush=True,
                 )
-    print(report(results))
+    print(report(results, args.stream))
+    if args.json:
+        args.json.write_text(json.dumps([asdict(r) for r in results], indent=1))
 
 
 if __name__ == "__main__":
