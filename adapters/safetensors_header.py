@@ -56,17 +56,19 @@ def read_header(path: Path) -> list[TensorHeader]:
     size = path.stat().st_size
     with path.open("rb") as f:
         prefix = f.read(8)
-        if prefix[:1] == b"\x80" or prefix[:4] == b"PK\x03\x04":
+        n = int.from_bytes(prefix, "little")
+        plausible = len(prefix) == 8 and 2 <= n <= MAX_HEADER_BYTES and 8 + n <= size
+        raw = f.read(n) if plausible else b""
+    if not raw.startswith(b"{"):
+        # Only now: a header length can start with 0x80 too (e.g. 640 bytes = 80 02 00 ...).
+        if _is_pickle(prefix):
             raise AdapterPickleRefused(f"{name} is a pickle / torch.save file, not safetensors")
         if len(prefix) < 8:
             raise AdapterHeaderCorrupt(f"{name} is {size} bytes, too short for a header")
-        n = int.from_bytes(prefix, "little")
         if n < 2 or n > MAX_HEADER_BYTES:
             raise AdapterHeaderCorrupt(f"{name}: header length {n} is not plausible")
         if 8 + n > size:
             raise AdapterHeaderCorrupt(f"{name}: header length {n} runs past the end of the file")
-        raw = f.read(n)
-    if raw[:1] != b"{":
         raise AdapterHeaderCorrupt(f"{name}: header is not a JSON object")
     try:
         obj = json.loads(raw.decode("utf-8"), object_pairs_hook=_no_duplicates)
@@ -91,6 +93,13 @@ def read_header(path: Path) -> list[TensorHeader]:
             f"{name}: tensors cover {at} bytes but the file holds {buffer_len} after the header"
         )
     return tensors
+
+
+def _is_pickle(prefix: bytes) -> bool:
+    """pickle protocol 2-5 (b"\\x80" + protocol) or torch.save's zip container."""
+    return (prefix[:1] == b"\x80" and prefix[1:2] in (b"\x02", b"\x03", b"\x04", b"\x05")) or (
+        prefix[:4] == b"PK\x03\x04"
+    )
 
 
 def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
