@@ -26,6 +26,9 @@ from adapters.types import DEFAULT_ALIAS, AdapterRef, AdapterVersion, VersionSta
 from server.errors import Conflict, NotFound
 
 MIGRATIONS = Path(__file__).resolve().parent / "migrations"
+# The newest migration in adapters/migrations/versions (a unit test keeps the two in step):
+# a database already there skips loading Alembic at start.
+HEAD_REVISION = "0001"
 MIGRATION_LOCK_ID = 0x10AA_B1E4  # PostgreSQL advisory lock: one replica migrates at a time
 LIVE_STATES = (VersionState.REGISTERED, VersionState.VALIDATED)
 
@@ -173,7 +176,8 @@ class Registry:
         async with engine.begin() as conn:
             if engine.dialect.name == "postgresql":
                 await conn.execute(sa.select(sa.func.pg_advisory_xact_lock(MIGRATION_LOCK_ID)))
-            await conn.run_sync(_upgrade)
+            if await _revision(conn) != HEAD_REVISION:
+                await conn.run_sync(_upgrade)
         # A SQLite file has one gateway; with PostgreSQL another replica may be mid-registration.
         cutoff = (
             time.time() if engine.dialect.name == "sqlite" else time.time() - interrupted_after_s
@@ -518,6 +522,16 @@ def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
     cur.execute("PRAGMA foreign_keys=ON")
     cur.execute("PRAGMA busy_timeout=10000")
     cur.close()
+
+
+async def _revision(conn: AsyncConnection) -> str | None:
+    def read(sync_conn: Connection) -> str | None:
+        if not sa.inspect(sync_conn).has_table("alembic_version"):
+            return None
+        row = sync_conn.execute(sa.text("SELECT version_num FROM alembic_version")).first()
+        return None if row is None else str(row[0])
+
+    return await conn.run_sync(read)
 
 
 def _upgrade(sync_conn: Connection) -> None:

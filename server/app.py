@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 import uuid
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
@@ -18,11 +19,17 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from adapters.catalog import AdapterCatalog
-from server.auth import hash_key, load_tenants
+from adapters.lifecycle import AdapterLifecycle
+from adapters.loader import Residency
+from adapters.registry import SYSTEM, Registry
+from adapters.sources import SourceResolver, SourceSettings
+from adapters.types import NAME_RE, VersionState
+from adapters.validate import ValidationLimits
+from server.auth import TenantDirectory, hash_key, read_tenants_file
+from server.base_model import BaseModelCache
 from server.engine_process import LocalEngine
 from server.errors import HTTP_STATUS_CODES, LoraplexError, error_payload
-from server.routes import admin, health, openai
+from server.routes import admin, admin_tenants, health, openai
 from server.settings import Settings
 from server.state import GatewayState
 from server.telemetry.metrics import GatewayMetrics
@@ -38,21 +45,25 @@ def create_app(settings: Settings, engine_factory: EngineFactory | None = None) 
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        state = _build_state(settings, engine_factory)
+        state = await build_state(settings, engine_factory)
         app.state.loraplex = state
-        if settings.engine.mode == "local":
-            state.local_engine = LocalEngine(settings.engine)
-            await state.local_engine.start()
-        watcher = asyncio.create_task(watch_engine(state), name="engine-watcher")
         try:
-            yield
+            if settings.engine.mode == "local":
+                state.local_engine = LocalEngine(settings.engine)
+                await state.local_engine.start()
+            watcher = asyncio.create_task(watch_engine(state), name="engine-watcher")
+            try:
+                yield
+            finally:
+                watcher.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await watcher
+                if state.local_engine is not None:
+                    await state.local_engine.stop()
         finally:
-            watcher.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await watcher
-            if state.local_engine is not None:
-                await state.local_engine.stop()
             await state.engine.aclose()
+            await state.lifecycle.aclose()
+            await state.registry.close()
 
     app = FastAPI(
         title="loraplex",
@@ -62,42 +73,77 @@ def create_app(settings: Settings, engine_factory: EngineFactory | None = None) 
     )
     app.include_router(openai.router)
     app.include_router(admin.router)
+    app.include_router(admin_tenants.router)
     app.include_router(health.router)
     _install_error_handlers(app)
     app.add_middleware(RequestIdMiddleware)
     return app
 
 
-def _build_state(settings: Settings, engine_factory: EngineFactory | None) -> GatewayState:
+async def build_state(settings: Settings, engine_factory: EngineFactory | None) -> GatewayState:
+    """Open the registry (migrating it), seed bootstrap tenants, wire residency + lifecycle."""
     metrics = GatewayMetrics()
-    engine = engine_factory(settings) if engine_factory else AiohttpEngineClient(settings.engine)
     admin = []
     if settings.admin_key_sha256:
         admin.append(settings.admin_key_sha256.lower())
     if settings.admin_key is not None:
         admin.append(hash_key(settings.admin_key.get_secret_value()))
-    tenants = load_tenants(settings.tenants_file, tuple(admin))
-    catalog = AdapterCatalog(engine, settings.engine.served_model_name, metrics.observe_adapter_op)
-    for name, path in _read_adapters_file(settings.adapters_file).items():
-        catalog.declare(name, path)
-    return GatewayState(settings, tenants, catalog, engine, metrics)
+    seed = read_tenants_file(settings.tenants_file)
+    read_adapters_file(settings.adapters_file)  # refuse a bad file before anything starts
+    reg = settings.registry
+    registry = await Registry.open(reg.url, interrupted_after_s=reg.interrupted_after_s)
+    try:
+        await registry.seed_tenants(seed)
+        TenantDirectory.from_records(registry.snapshot.tenants.values(), tuple(admin), "")
+    except BaseException:
+        await registry.close()
+        raise
+    engine = engine_factory(settings) if engine_factory else AiohttpEngineClient(settings.engine)
+    residency = Residency(
+        engine,
+        reg.budget,
+        drain_timeout_s=reg.drain_timeout_s,
+        retry_after_s=settings.engine.retry_after_s,
+        observer=metrics.observe_residency,
+    )
+    lifecycle = AdapterLifecycle(
+        registry,
+        residency,
+        SourceResolver(
+            SourceSettings(cache_dir=reg.cache_dir, s3_endpoint_url=reg.s3_endpoint_url)
+        ),
+        engine,
+        ValidationLimits(
+            max_rank=settings.engine.max_lora_rank, max_adapter_bytes=reg.max_adapter_bytes
+        ),
+        BaseModelCache(reg.base_model_dir or settings.engine.model),
+        allow_unknown_base=reg.allow_unknown_base,
+    )
+    return GatewayState(settings, registry, residency, lifecycle, engine, metrics, tuple(admin))
 
 
-def _read_adapters_file(path: Path | None) -> dict[str, str]:
-    """Adapters to register at start: YAML `adapters: {name: /abs/path, ...}`."""
+def read_adapters_file(path: Path | None) -> dict[str, str]:
+    """Bootstrap adapters: YAML `adapters: {name: source}`, registered once the engine is up
+    (idempotent: a ready version with the same content is reused)."""
     if path is None:
         return {}
     raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
     adapters = raw.get("adapters", {}) if isinstance(raw, dict) else None
     if not isinstance(adapters, dict):
         raise ValueError(f"{path}: expected 'adapters: {{name: path}}'")
+    bad = [str(k) for k in adapters if not NAME_RE.match(str(k))]
+    if bad:
+        raise ValueError(f"{path}: adapter names use 1-64 characters from [A-Za-z0-9._-]: {bad}")
     return {str(k): str(v) for k, v in adapters.items()}
 
 
 async def watch_engine(state: GatewayState) -> None:
-    """Track engine health; after it (re)appears, register the desired adapters again."""
+    """Track engine health; when it (re)appears, register the bootstrap adapters (first time)
+    and what the engine lost; follow other replicas' registry changes."""
     status = state.engine_status
     interval = state.settings.engine.health_interval_s
+    bootstrap = read_adapters_file(state.settings.adapters_file)
+    next_poll = 0.0
     while True:
         # Consume the wake-up flag every round: left set, the wait below would spin.
         wanted = state.reconcile_wanted.is_set()
@@ -105,7 +151,10 @@ async def watch_engine(state: GatewayState) -> None:
         up = await state.engine.health()
         if up and (not status.up or not status.reconciled or wanted):
             try:
-                await state.catalog.reconcile()
+                if bootstrap:
+                    await register_bootstrap(state, bootstrap)
+                    bootstrap = {}
+                await reconcile_engine(state)
                 status.reconciled = True
             except LoraplexError as exc:
                 log.warning("adapter reconcile failed", extra={"error": exc.message})
@@ -116,16 +165,66 @@ async def watch_engine(state: GatewayState) -> None:
         elif not up and status.up:
             log.warning("engine is down")
             status.restarts_seen += 1
-            state.catalog.mark_engine_lost()
+            state.residency.mark_engine_lost()
             status.reconciled = False
         status.up = up
-        state.metrics.engine_up.set(1 if up else 0)
-        state.metrics.adapters_resident.set(sum(e.loaded for e in state.catalog.entries()))
+        if time.monotonic() >= next_poll:
+            next_poll = time.monotonic() + state.settings.registry.poll_interval_s
+            await follow_registry(state)
+        update_gauges(state)
         # asyncio.timeout, not wait_for: on 3.11 wait_for swallows a cancel that races with
         # the event being set, and the lifespan's `await watcher` then never returns.
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(interval):
                 await state.reconcile_wanted.wait()
+
+
+async def register_bootstrap(state: GatewayState, adapters: dict[str, str]) -> None:
+    for name, source in adapters.items():
+        try:
+            version, created = await state.lifecycle.register(name, source, SYSTEM)
+        except LoraplexError as exc:
+            log.error(
+                "bootstrap adapter refused",
+                extra={"adapter": name, "code": exc.error_code, "error": exc.message},
+            )
+            continue
+        log.info("bootstrap adapter", extra={"adapter": version.label, "new": created})
+
+
+async def reconcile_engine(state: GatewayState) -> None:
+    snap = state.registry.snapshot
+    known = {v.served_name: v for v in snap.versions.values() if v.routable}
+    await state.residency.reconcile(known, [v for v in known.values() if v.pinned])
+
+
+async def follow_registry(state: GatewayState) -> None:
+    """Another replica changed the registry: apply pins and drop what is no longer routable."""
+    try:
+        changed = await state.registry.refresh_if_changed()
+    except Exception:  # the database may be briefly away; requests keep the last snapshot
+        log.warning("registry refresh failed", exc_info=True)
+        return
+    if not changed:
+        return
+    routable = {v.served_name: v for v in state.registry.snapshot.versions.values() if v.routable}
+    for slot in state.residency.slots():
+        version = routable.get(slot.version.served_name)
+        if version is None:
+            state.background(state.residency.unregister(slot.version.served_name))
+        else:
+            state.residency.set_pinned(version.served_name, version.pinned)
+
+
+def update_gauges(state: GatewayState) -> None:
+    m = state.metrics
+    m.engine_up.set(1 if state.engine_status.up else 0)
+    m.adapters_resident.set(len(state.residency.registered_names()))
+    counts = dict.fromkeys((s.value for s in VersionState), 0)
+    for v in state.registry.snapshot.versions.values():
+        counts[v.state.value] += 1
+    for name, n in counts.items():
+        m.adapter_versions.labels(name).set(n)
 
 
 def _install_error_handlers(app: FastAPI) -> None:

@@ -8,12 +8,14 @@ from __future__ import annotations
 
 import hashlib
 import hmac
-from dataclasses import dataclass
+from collections.abc import Iterable
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import yaml
 
+from adapters.registry import Quotas, TenantRecord
 from server.errors import AuthenticationFailed, PermissionDenied
 
 BASE_MODEL = "base"
@@ -28,8 +30,9 @@ def hash_key(key: str) -> str:
 class Tenant:
     name: str
     key_digests: tuple[str, ...]
-    adapters: frozenset[str]
+    adapters: frozenset[str]  # adapter names (every version of each) and/or the base model
     default: str | None
+    quotas: Quotas = field(default_factory=Quotas)
 
     def may_use(self, adapter: str) -> bool:
         return adapter in self.adapters
@@ -49,6 +52,14 @@ class TenantDirectory:
         self.admin_digests = admin_digests
         if set(admin_digests) & set(self._by_digest):
             raise ValueError("the admin key must differ from every tenant key")
+
+    @classmethod
+    def from_records(
+        cls, records: Iterable[TenantRecord], admin_digests: tuple[str, ...], base_model: str
+    ) -> TenantDirectory:
+        del base_model  # entitlements name the base model like any adapter
+        tenants = [Tenant(r.name, r.key_digests, r.adapters, r.default, r.quotas) for r in records]
+        return cls(tenants, admin_digests)
 
     def authenticate(self, authorization: str | None) -> Tenant:
         digest = _bearer_digest(authorization)
@@ -76,21 +87,23 @@ def _bearer_digest(authorization: str | None) -> str:
     return hash_key(token)
 
 
-def load_tenants(path: Path | None, admin_digests: tuple[str, ...]) -> TenantDirectory:
-    """Read the tenants file (YAML). Format documented in docs/configuration.md."""
+def read_tenants_file(path: Path | None) -> list[TenantRecord]:
+    """The bootstrap tenants file (YAML; format in docs/configuration.md). Its tenants seed the
+    registry at start when the registry does not hold them yet; the admin API manages them after."""
     if path is None:
-        return TenantDirectory([], admin_digests)
+        return []
     raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
     if not isinstance(raw, dict):
         raise ValueError(f"{path}: expected a mapping with a 'tenants' key")
     tenants_raw = raw.get("tenants") or {}
     if not isinstance(tenants_raw, dict):
         raise ValueError(f"{path}: 'tenants' must map tenant name → settings")
-    tenants = [_parse_tenant(name, spec, path) for name, spec in tenants_raw.items()]
-    return TenantDirectory(tenants, admin_digests)
+    records = [_parse_tenant(name, spec, path) for name, spec in tenants_raw.items()]
+    TenantDirectory.from_records(records, (), "")  # refuses a key configured twice
+    return records
 
 
-def _parse_tenant(name: str, spec: Any, path: Path) -> Tenant:
+def _parse_tenant(name: str, spec: Any, path: Path) -> TenantRecord:
     if not isinstance(spec, dict):
         raise ValueError(f"{path}: tenant {name!r} must be a mapping")
     digests = spec.get("key_sha256", [])
@@ -101,6 +114,23 @@ def _parse_tenant(name: str, spec: Any, path: Path) -> Tenant:
         raise ValueError(f"{path}: tenant {name!r} needs key_sha256 (one or a list of sha256 hex)")
     adapters = frozenset(str(a) for a in spec.get("adapters", []))
     default = spec.get("default")
-    if default is not None and default not in adapters:
+    if default is not None and default.partition("@")[0] not in adapters:
         raise ValueError(f"{path}: tenant {name!r} default {default!r} is not in its adapters")
-    return Tenant(str(name), tuple(digests), adapters, default)
+    q = spec.get("quotas") or {}
+    if not isinstance(q, dict):
+        raise ValueError(f"{path}: tenant {name!r} quotas must be a mapping")
+    quotas = Quotas(
+        max_adapters=_opt_int(q.get("max_adapters")),
+        requests_per_minute=_opt_int(q.get("requests_per_minute")),
+        tokens_per_minute=_opt_int(q.get("tokens_per_minute")),
+    )
+    return TenantRecord(str(name), tuple(digests), adapters, default, quotas)
+
+
+def _opt_int(value: Any) -> int | None:
+    return None if value is None else int(value)
+
+
+def load_tenants(path: Path | None, admin_digests: tuple[str, ...]) -> TenantDirectory:
+    """A directory straight from a tenants file (tools, tests; the gateway seeds its registry)."""
+    return TenantDirectory.from_records(read_tenants_file(path), admin_digests, "")

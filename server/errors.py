@@ -92,11 +92,14 @@ class PayloadTooLarge(LoraplexError):
 
 
 class RateLimited(LoraplexError):
-    """Reserved for per-tenant limits (see the reliability issue)."""
+    """A tenant's requests/min or tokens/min quota is spent (server/quotas.py)."""
 
     status = 429
     code = "rate_limit_exceeded"
     type = "rate_limit_error"
+
+    def __init__(self, message: str, *, retry_after_s: int = 1, **kw: Any) -> None:
+        super().__init__(message, headers={"Retry-After": str(retry_after_s)}, **kw)
 
 
 class UpstreamError(LoraplexError):

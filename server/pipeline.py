@@ -6,6 +6,7 @@ steps (and which error wins) is in one place.
 
 from __future__ import annotations
 
+from functools import partial
 from typing import Any
 
 import orjson
@@ -13,6 +14,8 @@ from pydantic import BaseModel, ValidationError
 from starlette.requests import Request
 from starlette.responses import Response
 
+from adapters.loader import Lease
+from adapters.types import AdapterRef, AdapterVersion
 from server.auth import Tenant
 from server.errors import (
     BadRequest,
@@ -91,27 +94,36 @@ def _param_path(loc: tuple[int | str, ...], body: Any, missing: bool) -> str | N
 
 def select_adapter(
     state: GatewayState, tenant: Tenant, header: str | None, model: str | None
-) -> str:
-    """Header, else `model`, else the tenant default; unknown and forbidden look the same."""
+) -> AdapterVersion | None:
+    """Header, else `model`, else the tenant default → a routable version (None: the base
+    model). Unknown, forbidden and not-ready look the same, so names never leak."""
     requested = header.strip() if header is not None and header.strip() else model
     if requested is None or requested in DEFAULT_MODEL_NAMES:
         if tenant.default is None:
             raise ModelNotFound("No model was requested and this key has no default model.")
         requested = tenant.default
-    if not tenant.may_use(requested) or not state.catalog.is_routable(requested):
-        entry = state.catalog.get(requested) if tenant.may_use(requested) else None
-        if entry is not None and entry.desired and not state.ready:
-            # Wanted but the engine is away or being reconciled: retryable, not "no such model".
-            raise EngineUnavailable(
-                "The inference engine is not ready.",
-                retry_after_s=state.settings.engine.retry_after_s,
-            )
+    if requested == state.settings.engine.served_model_name and tenant.may_use(requested):
+        return None
+    ref = AdapterRef.parse(requested)
+    version = None
+    if ref is not None and tenant.may_use(ref.name):
+        version = state.registry.snapshot.resolve(ref)
+    if version is None or not version.routable:
         shown = requested[:64].encode("ascii", "replace").decode()
         raise ModelNotFound(
             f"The model '{shown}' does not exist or you do not have access to it.",
             param="model",
         )
-    return requested
+    return version
+
+
+async def lease_for(state: GatewayState, version: AdapterVersion) -> Lease:
+    """Hold `version` registered on the engine for the request (registering it if needed)."""
+    if not state.engine_status.up:
+        raise EngineUnavailable(
+            "The inference engine is not ready.", retry_after_s=state.settings.engine.retry_after_s
+        )
+    return await state.residency.acquire(version)
 
 
 def upstream_failure(state: GatewayState, adapter: str, status: int, body: bytes) -> LoraplexError:
@@ -136,16 +148,25 @@ async def generate(
     path, schema = ENDPOINTS[kind]
     raw = await read_body(request, state.settings.max_body_bytes)
     body, parsed = parse_request(raw, schema)
-    adapter = select_adapter(state, tenant, request.headers.get(ADAPTER_HEADER), parsed.model)
-    record.adapter = adapter
+    version = select_adapter(state, tenant, request.headers.get(ADAPTER_HEADER), parsed.model)
+    if tenant.quotas.requests_per_minute or tenant.quotas.tokens_per_minute:
+        state.quotas.admit(tenant.name, tenant.quotas)
+        record.charge_tokens = partial(state.quotas.charge_tokens, tenant.name, tenant.quotas)
     record.stream = bool(parsed.stream)
+    if version is None:
+        adapter = label = state.settings.engine.served_model_name
+        record.adapter = adapter
+    else:
+        record.adapter = version.name
+        record.lease = await lease_for(state, version)
+        adapter, label = record.lease.served_name, version.label
     body["model"] = adapter
-    headers = {"X-Loraplex-Adapter": adapter}
+    headers = {"X-Loraplex-Adapter": label}
 
     if not parsed.stream:
         resp = await state.engine.post(path, orjson.dumps(body))
         if resp.status != 200:
-            raise upstream_failure(state, adapter, resp.status, resp.body)
+            raise upstream_failure(state, label, resp.status, resp.body)
         _record_usage(record, resp)
         return Response(resp.body, media_type="application/json", headers=headers)
 
@@ -161,7 +182,7 @@ async def generate(
             err_body = await stream.read_body()
         finally:
             await stream.aclose()
-        raise upstream_failure(state, adapter, stream.status, err_body)
+        raise upstream_failure(state, label, stream.status, err_body)
 
     async def on_close() -> None:
         await stream.aclose()

@@ -17,6 +17,7 @@ import orjson
 from starlette.responses import StreamingResponse
 from starlette.types import Receive, Scope, Send
 
+from adapters.loader import Lease
 from server.errors import LoraplexError, UpstreamError
 from server.telemetry.metrics import GatewayMetrics
 from server.upstream import UpstreamStream
@@ -47,6 +48,9 @@ class RequestRecord:
     error_code: str | None = None
     status: int = 200
     completed: bool = False
+    # Released / charged once in `finish`, whatever way the request ends.
+    lease: Lease | None = None
+    charge_tokens: Callable[[int], None] | None = None
     _admitted: bool = False
     _finished: bool = False
 
@@ -78,6 +82,10 @@ class RequestRecord:
         if self._finished:
             return
         self._finished = True
+        if self.lease is not None:
+            self.lease.release()
+        if self.charge_tokens is not None and (self.prompt_tokens or self.completion_tokens):
+            self.charge_tokens(self.prompt_tokens + self.completion_tokens)
         m = self.metrics
         if self._admitted:
             m.in_flight.labels(self.tenant).dec()

@@ -58,6 +58,24 @@ class EngineSettings(BaseModel):
         return urlsplit(self.url).hostname or "127.0.0.1"
 
 
+class RegistrySettings(BaseModel):
+    """The adapter registry, its local file cache and the engine registration budget."""
+
+    url: str = "sqlite+aiosqlite:///.cache/registry/registry.db"
+    cache_dir: Path = Path(".cache/adapter-cache")
+    # Adapter versions registered on the engine at once (vLLM's own slots: engine.max_loras).
+    budget: int = Field(8, ge=1)
+    drain_timeout_s: float = 30.0
+    max_adapter_bytes: int = 2 << 30
+    # The served base model (config.json + weights) adapters are checked against; defaults to
+    # engine.model. Remote engines: mount the same directory or set base_digest + config.
+    base_model_dir: Path | None = None
+    allow_unknown_base: bool = False
+    poll_interval_s: float = 2.0
+    interrupted_after_s: float = 600.0
+    s3_endpoint_url: str | None = None
+
+
 class Settings(BaseSettings):
     """Top-level gateway settings."""
 
@@ -75,6 +93,7 @@ class Settings(BaseSettings):
     max_body_bytes: int = 4 * 1024 * 1024
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     engine: EngineSettings = Field(default_factory=EngineSettings)
+    registry: RegistrySettings = Field(default_factory=RegistrySettings)
 
     @field_validator("admin_key_sha256")
     @classmethod

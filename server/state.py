@@ -3,13 +3,17 @@
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Coroutine
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from starlette.requests import Request
 
-from adapters.catalog import AdapterCatalog
+from adapters.lifecycle import AdapterLifecycle
+from adapters.loader import Residency
+from adapters.registry import Registry
 from server.auth import TenantDirectory
+from server.quotas import QuotaBook
 from server.settings import Settings
 from server.telemetry.metrics import GatewayMetrics
 from server.upstream import EngineClient
@@ -30,18 +34,41 @@ class EngineStatus:
 @dataclass(slots=True)
 class GatewayState:
     settings: Settings
-    tenants: TenantDirectory
-    catalog: AdapterCatalog
+    registry: Registry
+    residency: Residency
+    lifecycle: AdapterLifecycle
     engine: EngineClient
     metrics: GatewayMetrics
+    admin_digests: tuple[str, ...]
+    quotas: QuotaBook = field(default_factory=QuotaBook)
     engine_status: EngineStatus = field(default_factory=EngineStatus)
     local_engine: LocalEngine | None = None
     # Set when a request finds an adapter missing on the engine: the watcher reconciles now.
     reconcile_wanted: asyncio.Event = field(default_factory=asyncio.Event)
+    _tasks: set[asyncio.Task[object]] = field(default_factory=set)
+    _tenants: TenantDirectory | None = None
+    _tenants_generation: int = -2
 
     @property
     def ready(self) -> bool:
         return self.engine_status.up and self.engine_status.reconciled
+
+    def background(self, work: Coroutine[object, object, object]) -> None:
+        """Run `work` without awaiting it (kept referenced until done)."""
+        task = asyncio.get_running_loop().create_task(work)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    @property
+    def tenants(self) -> TenantDirectory:
+        """Tenants of the current registry snapshot (rebuilt only when the snapshot changes)."""
+        snap = self.registry.snapshot
+        if self._tenants is None or self._tenants_generation != snap.generation:
+            self._tenants = TenantDirectory.from_records(
+                snap.tenants.values(), self.admin_digests, self.settings.engine.served_model_name
+            )
+            self._tenants_generation = snap.generation
+        return self._tenants
 
 
 def get_state(request: Request) -> GatewayState:

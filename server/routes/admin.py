@@ -1,48 +1,78 @@
-"""Operator API under /admin/v1: adapter load/unload/list, engine status.
-
-Only the admin key is accepted (tenant keys get 403). Every mutating call leaves an audit
-line on the `loraplex.audit` logger (the registry issue persists these).
-"""
+"""Operator API for adapters under /admin/v1: register, validate, versions, aliases, pins,
+retire, delete, engine residency. Admin key only (tenant keys get 403); every mutation writes
+an audit entry (read it at /admin/v1/audit)."""
 
 from __future__ import annotations
 
-import logging
 from typing import Any
 
 from fastapi import APIRouter, Depends
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.requests import Request
+from starlette.responses import JSONResponse
 
-from adapters.catalog import AdapterEntry, UnknownAdapter
-from server.pipeline import parse_request, read_body
+from adapters.registry import VersionNotFound
+from adapters.types import ALIAS_RE, NAME_RE, AdapterVersion
 from server.protocol import openapi_body
-from server.state import GatewayState, get_state
-
-audit = logging.getLogger("loraplex.audit")
-
-
-def require_admin(request: Request) -> GatewayState:
-    state = get_state(request)
-    state.tenants.authenticate_admin(request.headers.get("authorization"))
-    return state
-
+from server.routes.admin_common import actor, json_body, require_admin
+from server.state import get_state
 
 router = APIRouter(prefix="/admin/v1", tags=["admin"], dependencies=[Depends(require_admin)])
 
+NAME = NAME_RE.pattern
+ALIAS = ALIAS_RE.pattern
 
-class LoadAdapterRequest(BaseModel):
+
+class RegisterRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    name: str = Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9._-]+$")
-    path: str = Field(min_length=1, max_length=4096)
+    name: str = Field(pattern=NAME, description="adapter name; versions are numbered per name")
+    source: str = Field(
+        min_length=1,
+        max_length=4096,
+        description="absolute directory, file://, http(s):// archive or s3://bucket/key",
+    )
+    base_digest: str | None = Field(None, description="sha256:<hex> of the base it was trained on")
+    metadata: dict[str, Any] = Field(default_factory=dict)
+    alias: str | None = Field(None, pattern=ALIAS, description="alias to point at it once ready")
+
+
+class ValidateRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    source: str = Field(min_length=1, max_length=4096)
+    base_digest: str | None = None
+
+
+class AliasRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    version: int = Field(ge=1)
+
+
+class VersionView(BaseModel):
+    name: str
+    version: int
+    label: str
+    served_name: str
+    state: str
+    state_reason: str | None
+    digest: str
+    base_digest: str | None
+    rank: int
+    alpha: float
+    target_modules: list[str]
+    size_bytes: int
+    source: str
+    created_at: float
+    pinned: bool
+    aliases: list[str]
+    metadata: dict[str, Any]
+    registered_on_engine: bool
+    in_flight: int
 
 
 class AdapterView(BaseModel):
     name: str
-    path: str
-    state: str
-    loaded: bool
-    loaded_at: float | None
-    last_error: str | None
+    aliases: dict[str, int]
+    versions: list[VersionView]
 
 
 class AdapterListView(BaseModel):
@@ -50,64 +80,169 @@ class AdapterListView(BaseModel):
     data: list[AdapterView]
 
 
-def _view(e: AdapterEntry) -> AdapterView:
-    return AdapterView(
-        name=e.name,
-        path=e.path,
-        state=e.state,
-        loaded=e.loaded,
-        loaded_at=e.loaded_at,
-        last_error=e.last_error,
+def _view(request: Request, v: AdapterVersion) -> VersionView:
+    state = get_state(request)
+    return VersionView(
+        name=v.name,
+        version=v.version,
+        label=v.label,
+        served_name=v.served_name,
+        state=v.state.value,
+        state_reason=v.state_reason,
+        digest=v.digest,
+        base_digest=v.base_digest,
+        rank=v.rank,
+        alpha=v.alpha,
+        target_modules=list(v.target_modules),
+        size_bytes=v.size_bytes,
+        source=v.source_uri,
+        created_at=v.created_at,
+        pinned=v.pinned,
+        aliases=state.registry.snapshot.aliases_pointing_at(v.name, v.version),
+        metadata=v.metadata,
+        registered_on_engine=state.residency.is_registered(v.served_name),
+        in_flight=state.residency.in_flight(v.served_name),
     )
 
 
-def _audit(request: Request, action: str, **fields: Any) -> None:
-    audit.info(action, extra={"request_id": request.state.request_id, "action": action, **fields})
+def _adapter(request: Request, name: str) -> AdapterView:
+    snap = get_state(request).registry.snapshot
+    versions = snap.versions_of(name)
+    if not versions:
+        raise VersionNotFound(f"no adapter named {name[:64]!r}")
+    return AdapterView(
+        name=name, aliases=snap.aliases_of(name), versions=[_view(request, v) for v in versions]
+    )
+
+
+def _version(request: Request, name: str, version: int) -> AdapterVersion:
+    found = get_state(request).registry.snapshot.versions.get((name, version))
+    if found is None:
+        raise VersionNotFound(f"no adapter version {name[:64]}@{version}")
+    return found
 
 
 @router.get("/adapters", response_model=AdapterListView)
 async def list_adapters(request: Request) -> AdapterListView:
-    state = get_state(request)
-    return AdapterListView(data=[_view(e) for e in state.catalog.entries()])
+    snap = get_state(request).registry.snapshot
+    return AdapterListView(data=[_adapter(request, n) for n in snap.names()])
 
 
 @router.post(
     "/adapters",
     status_code=201,
-    response_model=AdapterView,
-    openapi_extra=openapi_body(LoadAdapterRequest),
+    response_model=VersionView,
+    openapi_extra=openapi_body(RegisterRequest),
+    responses={200: {"description": "a ready version with the same content already existed"}},
 )
-async def load_adapter(request: Request) -> AdapterView:
-    """Register an adapter directory (on the engine's filesystem) under `name` and load it."""
-    state = get_state(request)
-    # Read the body here, not as a FastAPI body param: FastAPI decodes JSON before running
-    # dependencies, which answered unauthenticated callers 400 instead of 401.
-    raw = await read_body(request, state.settings.max_body_bytes)
-    body: LoadAdapterRequest = parse_request(raw, LoadAdapterRequest)[1]
-    try:
-        entry = await state.catalog.load(body.name, body.path)
-    except Exception as exc:
-        _audit(
-            request,
-            "adapter.load",
-            adapter=body.name,
-            path=body.path,
-            result="error",
-            error=type(exc).__name__,
-        )
-        raise
-    _audit(request, "adapter.load", adapter=body.name, path=body.path, result="ok")
-    return _view(entry)
+async def register_adapter(request: Request) -> Any:
+    """Fetch, validate against the served base, smoke-test on the engine, then mark ready."""
+    body = await json_body(request, RegisterRequest)
+    version, created = await get_state(request).lifecycle.register(
+        body.name,
+        body.source,
+        actor(request),
+        base_digest=body.base_digest,
+        metadata=body.metadata,
+        alias=body.alias,
+    )
+    view = _view(request, version)
+    return JSONResponse(view.model_dump(mode="json"), status_code=201 if created else 200)
 
 
-@router.delete("/adapters/{name}", response_model=AdapterView)
-async def unload_adapter(name: str, request: Request) -> AdapterView:
-    state = get_state(request)
-    if state.catalog.get(name) is None:
-        raise UnknownAdapter(f"no adapter named {name[:64]!r}")
-    entry = await state.catalog.unload(name)
-    _audit(request, "adapter.unload", adapter=name, result="ok")
-    return _view(entry)
+@router.post("/adapters/validate", openapi_extra=openapi_body(ValidateRequest))
+async def validate_adapter(request: Request) -> dict[str, Any]:
+    """Every static check, without registering (nothing is stored, nothing reaches the engine)."""
+    body = await json_body(request, ValidateRequest)
+    found = await get_state(request).lifecycle.inspect(body.source, body.base_digest)
+    f = found.facts
+    return {
+        "valid": True,
+        "digest": f.digest,
+        "rank": f.rank,
+        "alpha": f.alpha,
+        "target_modules": list(f.target_modules),
+        "size_bytes": f.size_bytes,
+        "tensor_count": f.tensor_count,
+        "declared_base_digest": f.declared_base_digest,
+    }
+
+
+@router.get("/adapters/{name}", response_model=AdapterView)
+async def get_adapter(name: str, request: Request) -> AdapterView:
+    return _adapter(request, name)
+
+
+@router.get("/adapters/{name}/versions/{version}", response_model=VersionView)
+async def get_version(name: str, version: int, request: Request) -> VersionView:
+    return _view(request, _version(request, name, version))
+
+
+@router.post("/adapters/{name}/versions/{version}/validate", response_model=VersionView)
+async def revalidate_version(name: str, version: int, request: Request) -> VersionView:
+    v = await get_state(request).lifecycle.revalidate(name, version, actor(request))
+    return _view(request, v)
+
+
+@router.put("/adapters/{name}/aliases/{alias}", openapi_extra=openapi_body(AliasRequest))
+async def move_alias(name: str, alias: str, request: Request) -> dict[str, Any]:
+    """Point `name@alias` at a ready version; new requests resolve to it at once, requests
+    already resolved finish on the version they started with."""
+    body = await json_body(request, AliasRequest)
+    before, after = await get_state(request).registry.set_alias(
+        name, alias[:32], body.version, actor(request)
+    )
+    return {"name": name, "alias": alias, "before": before, "version": after}
+
+
+@router.delete("/adapters/{name}/aliases/{alias}")
+async def delete_alias(name: str, alias: str, request: Request) -> dict[str, Any]:
+    before, _ = await get_state(request).registry.set_alias(name, alias[:32], None, actor(request))
+    return {"name": name, "alias": alias, "before": before, "version": None}
+
+
+@router.post("/adapters/{name}/versions/{version}/pin", response_model=VersionView)
+async def pin_version(name: str, version: int, request: Request) -> VersionView:
+    v = await get_state(request).lifecycle.set_pinned(name, version, True, actor(request))
+    return _view(request, v)
+
+
+@router.delete("/adapters/{name}/versions/{version}/pin", response_model=VersionView)
+async def unpin_version(name: str, version: int, request: Request) -> VersionView:
+    v = await get_state(request).lifecycle.set_pinned(name, version, False, actor(request))
+    return _view(request, v)
+
+
+@router.post("/adapters/{name}/versions/{version}/retire", response_model=VersionView)
+async def retire_version(name: str, version: int, request: Request) -> VersionView:
+    v = await get_state(request).lifecycle.retire(name, version, actor(request))
+    return _view(request, v)
+
+
+@router.delete("/adapters/{name}/versions/{version}", response_model=VersionView)
+async def delete_version(name: str, version: int, request: Request) -> VersionView:
+    v = await get_state(request).lifecycle.delete(name, version, actor(request))
+    return _view(request, v)
+
+
+@router.get("/residency")
+async def residency(request: Request) -> dict[str, Any]:
+    """What the gateway has registered on the engine, least recently used first."""
+    res = get_state(request).residency
+    return {
+        "budget": res.budget,
+        "registered": len(res.registered_names()),
+        "slots": [
+            {
+                "adapter": s.version.label,
+                "served_name": s.version.served_name,
+                "registered": s.registered,
+                "in_flight": s.refs,
+                "pinned": s.pinned,
+            }
+            for s in res.slots()
+        ],
+    }
 
 
 @router.get("/engine")

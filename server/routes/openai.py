@@ -9,6 +9,7 @@ from fastapi import APIRouter
 from starlette.requests import Request
 from starlette.responses import Response
 
+from adapters.types import AdapterRef
 from server.errors import LoraplexError
 from server.pipeline import generate
 from server.protocol import (
@@ -76,5 +77,11 @@ async def list_models(request: Request) -> ModelList:
     state = get_state(request)
     tenant = state.tenants.authenticate(request.headers.get("authorization"))
     now = int(time.time())
-    names = sorted(a for a in tenant.adapters if state.catalog.is_routable(a))
+    snap = state.registry.snapshot
+    base = state.settings.engine.served_model_name
+    names = sorted(
+        a
+        for a in tenant.adapters
+        if a == base or ((v := snap.resolve(AdapterRef(a))) is not None and v.routable)
+    )
     return ModelList(data=[ModelCard(id=n, created=now) for n in names])

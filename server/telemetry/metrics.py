@@ -1,6 +1,6 @@
 """All Prometheus metrics of the gateway, in one per-app registry (no import-time globals).
 
-Label values come only from bounded sets: configured tenant names, catalog adapter names, the
+Label values come only from bounded sets: configured tenant names, registered adapter names, the
 fixed endpoint list and the error codes in `server.errors` — never raw request input. Anything
 not in the set is reported as "other" / "unknown" by the caller.
 """
@@ -103,6 +103,25 @@ class GatewayMetrics:
             "Adapters registered on the engine.",
             registry=r,
         )
+        self.adapter_events = Counter(
+            "loraplex_adapter_residency_events",
+            "Engine registration events: load, load_error, unload, evict, and lease hit/miss "
+            "(a miss had to wait for a registration).",
+            ["adapter", "event"],
+            registry=r,
+        )
+        self.adapter_load_seconds = Histogram(
+            "loraplex_adapter_load_seconds",
+            "Latency of registering an adapter version on the engine.",
+            buckets=LOAD_BUCKETS,
+            registry=r,
+        )
+        self.adapter_versions = Gauge(
+            "loraplex_adapter_versions",
+            "Adapter versions in the registry, by state.",
+            ["state"],
+            registry=r,
+        )
         self.engine_up = Gauge(
             "loraplex_engine_up",
             "1 while the engine answers its health check.",
@@ -112,6 +131,14 @@ class GatewayMetrics:
     def observe_adapter_op(self, adapter: str, result: str, seconds: float) -> None:
         self.adapter_ops.labels(adapter, result).inc()
         self.adapter_op_seconds.labels(result).observe(seconds)
+
+    def observe_residency(self, adapter: str, event: str, seconds: float) -> None:
+        """Residency observer: `adapter` is a registered name (bounded), never raw input."""
+        self.adapter_events.labels(adapter, event).inc()
+        if event in ("load", "load_error", "unload", "evict"):
+            self.observe_adapter_op(adapter, event, seconds)
+        if event == "load":
+            self.adapter_load_seconds.observe(seconds)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

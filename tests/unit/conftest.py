@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
+import shutil
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -12,8 +14,10 @@ import pytest
 import yaml
 from pydantic import SecretStr
 
+from adapters.registry import Registry
 from server.auth import hash_key
 from server.settings import EngineSettings, Settings
+from tests.synthetic import make_adapter, make_base
 from tests.unit.fakes import FakeEngine
 from tests.unit.helpers import (
     ACME_KEY,
@@ -37,11 +41,15 @@ def _clean_env(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 def make_adapter_dir(root: Path, name: str, *, weights: str = "adapter_model.safetensors") -> Path:
-    d = root / name
-    d.mkdir(parents=True)
-    (d / "adapter_config.json").write_text('{"r": 8, "peft_type": "LORA"}', encoding="utf-8")
-    (d / weights).write_bytes(b"\x08\x00\x00\x00\x00\x00\x00\x00{}      ")
+    """A valid tiny adapter for `make_base`'s model (weights renamed to test refusals)."""
+    d = make_adapter(root, name, BASE_DIGEST_HOLDER[0], fill=sum(name.encode()))
+    if weights != "adapter_model.safetensors":
+        (d / "adapter_model.safetensors").rename(d / weights)
     return d
+
+
+# The tiny base's digest is the same for every test (same bytes); computed once.
+BASE_DIGEST_HOLDER: list[str] = [""]
 
 
 @dataclass(frozen=True)
@@ -50,6 +58,7 @@ class Config:
     tenants_file: Path
     adapters_file: Path
     adapter_dirs: dict[str, Path]
+    base_dir: Path
 
     def settings(self, **overrides: Any) -> Settings:
         engine = EngineSettings(
@@ -58,6 +67,13 @@ class Config:
         base: dict[str, Any] = {
             "tenants_file": self.tenants_file,
             "adapters_file": self.adapters_file,
+            "registry": {
+                "url": f"sqlite+aiosqlite:///{self.root / 'registry.db'}",
+                "cache_dir": self.root / "adapter-cache",
+                "base_model_dir": self.base_dir,
+                "poll_interval_s": 0.05,
+                **overrides.pop("registry", {}),
+            },
             "admin_key": SecretStr(ADMIN_KEY),
             "max_body_bytes": 64 * 1024,
             "engine": engine,
@@ -77,8 +93,22 @@ TENANTS: dict[str, dict[str, Any]] = {
 }
 
 
+@pytest.fixture(scope="session")
+def migrated_db(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A registry database migrated once per session; each test starts from a copy."""
+    path = tmp_path_factory.mktemp("registry-template") / "registry.db"
+
+    async def migrate() -> None:
+        await (await Registry.open(f"sqlite+aiosqlite:///{path}")).close()
+
+    asyncio.run(migrate())
+    return path
+
+
 @pytest.fixture
-def config(tmp_path: Path) -> Config:
+def config(tmp_path: Path, migrated_db: Path) -> Config:
+    shutil.copyfile(migrated_db, tmp_path / "registry.db")
+    base_dir, BASE_DIGEST_HOLDER[0] = make_base(tmp_path / "base")
     adapters_root = tmp_path / "adapters"
     dirs = {n: make_adapter_dir(adapters_root, n) for n in (*DECLARED, "extra")}
     dirs["bin-only"] = make_adapter_dir(adapters_root, "bin-only", weights="adapter_model.bin")
@@ -90,7 +120,7 @@ def config(tmp_path: Path) -> Config:
     adapters_file.write_text(
         yaml.safe_dump({"adapters": {n: str(dirs[n]) for n in DECLARED}}), encoding="utf-8"
     )
-    return Config(tmp_path, tenants_file, adapters_file, dirs)
+    return Config(tmp_path, tenants_file, adapters_file, dirs, base_dir)
 
 
 @pytest.fixture

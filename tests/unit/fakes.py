@@ -240,8 +240,9 @@ class FakeEngine:
         self.load_calls.append((engine_name, path))
         if self.load_gate is not None:
             await self.load_gate.wait()
-        if engine_name in self.load_failures:
-            raise self.load_failures[engine_name]
+        for key in (engine_name, engine_name.partition("@")[0]):  # refuse() takes bare names
+            if key in self.load_failures:
+                raise self.load_failures[key]
         if not self.healthy:
             raise EngineUnavailable("The inference engine is not reachable.")
         self.served.add(engine_name)

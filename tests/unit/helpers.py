@@ -161,6 +161,7 @@ async def running_gateway(
             gw = Gateway(app, engine, client, settings)
             if wait_ready:
                 await gw.wait_ready()
+                engine.forwarded.clear()  # bootstrap smoke generations are not test traffic
             yield gw
 
 

@@ -10,7 +10,6 @@ import pytest
 import yaml
 from pydantic import SecretStr
 
-from adapters.catalog import InvalidAdapter
 from server.app import create_app
 from server.auth import Tenant, TenantDirectory, hash_key, load_tenants
 from server.errors import AuthenticationFailed, PermissionDenied
@@ -166,6 +165,6 @@ async def test_bad_adapter_name_in_adapters_file_refused_at_app_start(tmp_path: 
     adapters = tmp_path / "adapters.yaml"
     adapters.write_text(yaml.safe_dump({"adapters": {"bad name": "/x"}}), encoding="utf-8")
     app = create_app(Settings(adapters_file=adapters), engine_factory=lambda s: FakeEngine())
-    with pytest.raises(InvalidAdapter, match=r"A-Za-z0-9"):
+    with pytest.raises(ValueError, match=r"A-Za-z0-9"):
         async with app.router.lifespan_context(app):
             pass

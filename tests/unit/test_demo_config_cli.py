@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from server.app import _read_adapters_file
+from server.app import read_adapters_file as _read_adapters_file
 from server.auth import hash_key, load_tenants
 from server.demo_config import DEMO_ADMIN_KEY, write_demo_config
 from server.errors import AuthenticationFailed

@@ -14,7 +14,7 @@ HEAVY = ("torch", "peft", "transformers", "vllm")
 PROBE = """
 import json, sys, time
 t0 = time.perf_counter()
-import server.app, server.main, server.pipeline, adapters.catalog
+import server.app, server.main, server.pipeline, adapters.registry
 from server.settings import Settings
 t1 = time.perf_counter()
 app = server.app.create_app(Settings())

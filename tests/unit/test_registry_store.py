@@ -16,6 +16,8 @@ from sqlalchemy.ext.asyncio import create_async_engine
 
 from adapters import registry_schema
 from adapters.registry import (
+    HEAD_REVISION,
+    MIGRATIONS,
     Actor,
     InvalidTransition,
     NewVersion,
@@ -254,3 +256,12 @@ async def _check_after_kill(url: str) -> None:
         assert await ready(reg, "medical", digest="sha256:" + "ff" * 32) == 3
     finally:
         await reg.close()
+
+
+def test_head_revision_constant_matches_the_migrations() -> None:
+    from alembic.config import Config
+    from alembic.script import ScriptDirectory
+
+    cfg = Config()
+    cfg.set_main_option("script_location", str(MIGRATIONS))
+    assert ScriptDirectory.from_config(cfg).get_current_head() == HEAD_REVISION
