@@ -233,7 +233,7 @@ def _zip_member(zf: zipfile.ZipFile, info: zipfile.ZipInfo, w: TreeWriter) -> No
         target = zf.read(info).decode("utf-8", errors="replace")
         w.add_link(rel, _symlink_target(rel, target))
         return
-    if mode and not stat.S_ISREG(mode):
+    if stat.S_IFMT(mode) and not stat.S_ISREG(mode):
         raise ArchiveUnsafe(f"member {info.filename!r} is a device, FIFO or socket")
     with zf.open(info) as src:
         w.write(rel, src, info.file_size)
