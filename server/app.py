@@ -19,6 +19,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from adapters.archive import ArchiveLimits
 from adapters.lifecycle import AdapterLifecycle
 from adapters.loader import Residency
 from adapters.registry import SYSTEM, Registry
@@ -110,7 +111,14 @@ async def build_state(settings: Settings, engine_factory: EngineFactory | None) 
         registry,
         residency,
         SourceResolver(
-            SourceSettings(cache_dir=reg.cache_dir, s3_endpoint_url=reg.s3_endpoint_url)
+            SourceSettings(
+                cache_dir=reg.cache_dir,
+                limits=ArchiveLimits(
+                    max_archive_bytes=reg.max_archive_bytes,
+                    max_extracted_bytes=reg.max_extracted_bytes,
+                ),
+                s3_endpoint_url=reg.s3_endpoint_url,
+            )
         ),
         engine,
         ValidationLimits(

@@ -35,6 +35,10 @@ def main(argv: list[str] | None = None) -> int:
     cfg.add_argument("--manifest", type=Path, required=True)
     cfg.add_argument("--out", type=Path, required=True)
 
+    from server.cli_admin import add_commands as add_admin_commands
+
+    add_admin_commands(sub)
+
     keys = sub.add_parser("hash-key", help="print the sha256 digest to store for an API key")
     keys.add_argument("key")
 
@@ -48,6 +52,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.command == "serve":
         return _serve(args)
+    if args.command in ("adapters", "tenants", "audit"):
+        from server.cli_admin import run as run_admin
+
+        return run_admin(args)
     if args.command == "hash-key":
         print(hash_key(args.key))
         return 0

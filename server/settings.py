@@ -67,6 +67,8 @@ class RegistrySettings(BaseModel):
     budget: int = Field(8, ge=1)
     drain_timeout_s: float = 30.0
     max_adapter_bytes: int = 2 << 30
+    max_archive_bytes: int = 4 << 30  # downloaded archive size
+    max_extracted_bytes: int = 4 << 30  # written while extracting or copying a source
     # The served base model (config.json + weights) adapters are checked against; defaults to
     # engine.model. Remote engines: mount the same directory or set base_digest + config.
     base_model_dir: Path | None = None

@@ -25,9 +25,12 @@ import yaml
 from server.auth import hash_key
 from tests.e2e.harness import (
     ADMIN_KEY,
+    E2E_CAPS,
     EXTRA_ADAPTER,
     KEYS,
     READY_TIMEOUT_S,
+    REGISTRATION_BUDGET,
+    REGISTRY_TEST_NAMES,
     REPO,
     Gateway,
     free_port,
@@ -71,7 +74,10 @@ def gateway(
     tenants = {
         "clinic": {"adapters": ["medical", "base"], "default": "medical"},
         "lawfirm": {"adapters": ["legal"], "default": "legal"},
-        "acme": {"adapters": [*names, "base", EXTRA_ADAPTER], "default": "base"},
+        "acme": {
+            "adapters": [*names, "base", EXTRA_ADAPTER, *REGISTRY_TEST_NAMES],
+            "default": "base",
+        },
     }
     for name, spec in tenants.items():
         spec["key_sha256"] = hash_key(KEYS[name])
@@ -89,6 +95,13 @@ def gateway(
         "LORAPLEX_ENGINE__LOG_FILE": str(engine_log),
         "LORAPLEX_ENGINE__HEALTH_INTERVAL_S": "0.5",
         "LORAPLEX_ENGINE__RESTART_BACKOFF_S": "3",
+        # Fewer registrations than the registry tests use: eviction happens for real.
+        "LORAPLEX_REGISTRY__URL": f"sqlite+aiosqlite:///{cfg / 'registry.db'}",
+        "LORAPLEX_REGISTRY__CACHE_DIR": str(cfg / "adapter-cache"),
+        "LORAPLEX_REGISTRY__BUDGET": str(REGISTRATION_BUDGET),
+        "LORAPLEX_REGISTRY__MAX_ADAPTER_BYTES": str(E2E_CAPS.max_adapter_bytes),
+        "LORAPLEX_REGISTRY__MAX_EXTRACTED_BYTES": str(E2E_CAPS.max_extracted_bytes),
+        "LORAPLEX_REGISTRY__MAX_ARCHIVE_BYTES": str(E2E_CAPS.max_archive_bytes),
     }
     cmd = [
         str(REPO / ".venv/bin/loraplex"),

@@ -11,10 +11,23 @@ from typing import Any
 import httpx
 import openai
 
+from tests.adapter_factory import BAD_ADAPTERS, Caps
+
 REPO = Path(__file__).resolve().parents[2]
 ADMIN_KEY = "sk-e2e-admin"
 KEYS = {"clinic": "sk-e2e-clinic", "lawfirm": "sk-e2e-lawfirm", "acme": "sk-e2e-acme"}
 EXTRA_ADAPTER = "extra"  # loaded at runtime through the admin API by a test
+# Registry tests register these names at runtime (acme is entitled to all of them).
+MULTI = tuple(f"multi{i}" for i in range(6))
+REGISTRY_TEST_NAMES = ("swap", *MULTI, *(f"bad-{c.name}" for c in BAD_ADAPTERS))
+REGISTRATION_BUDGET = 3  # with the engine's --max-loras 2
+# Registry size caps of the e2e gateway, shared with the bad-adapter table's builders.
+E2E_CAPS = Caps(
+    max_rank=16,
+    max_adapter_bytes=8 << 20,
+    max_archive_bytes=64 << 20,
+    max_extracted_bytes=16 << 20,
+)
 READY_TIMEOUT_S = float(os.environ.get("LORAPLEX_E2E_READY_TIMEOUT", "900"))
 
 

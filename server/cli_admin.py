@@ -1,0 +1,182 @@
+"""`loraplex adapters|tenants|audit ...`: an operator CLI over the admin API (httpx).
+
+Talks to a running gateway (`--url`, env `LORAPLEX_ADMIN_URL`) with the admin key (`--admin-key`,
+env `LORAPLEX_ADMIN_KEY`); prints the API's JSON; exits 1 with the error message on a 4xx/5xx.
+"""
+
+from __future__ import annotations
+
+import argparse
+import getpass
+import json
+import os
+import sys
+from typing import Any
+
+import httpx
+
+DEFAULT_URL = "http://127.0.0.1:8080"
+
+
+def add_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--url", default=os.environ.get("LORAPLEX_ADMIN_URL", DEFAULT_URL))
+    common.add_argument("--admin-key", default=os.environ.get("LORAPLEX_ADMIN_KEY"))
+
+    ad = sub.add_parser("adapters", help="manage adapter versions (admin API)", parents=[common])
+    a = ad.add_subparsers(dest="action", required=True)
+    a.add_parser("list", parents=[common])
+    p = a.add_parser("show", parents=[common], help="one adapter: versions and aliases")
+    p.add_argument("name")
+    p = a.add_parser("register", parents=[common], help="fetch, validate, smoke-test, register")
+    p.add_argument("name")
+    p.add_argument("source", help="absolute dir, file://, http(s):// archive or s3://...")
+    p.add_argument("--base-digest")
+    p.add_argument("--alias", help="point this alias at the new version once it is ready")
+    p.add_argument("--meta", action="append", default=[], metavar="KEY=VALUE")
+    p = a.add_parser("validate", parents=[common], help="run every check without registering")
+    p.add_argument("source")
+    p.add_argument("--base-digest")
+    p = a.add_parser("promote", parents=[common], help="move an alias (default stable)")
+    p.add_argument("name")
+    p.add_argument("version", type=int)
+    p.add_argument("--alias", default="stable")
+    p = a.add_parser("unalias", parents=[common], help="delete an alias")
+    p.add_argument("name")
+    p.add_argument("alias")
+    for action in ("pin", "unpin", "retire", "delete", "revalidate"):
+        p = a.add_parser(action, parents=[common])
+        p.add_argument("name")
+        p.add_argument("version", type=int)
+    a.add_parser("residency", parents=[common], help="what is registered on the engine")
+
+    te = sub.add_parser("tenants", help="manage tenants (admin API)", parents=[common])
+    t = te.add_subparsers(dest="action", required=True)
+    t.add_parser("list", parents=[common])
+    for action in ("create", "update"):
+        p = t.add_parser(action, parents=[common])
+        p.add_argument("name")
+        p.add_argument("--adapters", help="comma-separated adapter names (and/or the base model)")
+        p.add_argument("--default")
+        p.add_argument("--max-adapters", type=int)
+        p.add_argument("--rpm", type=int, help="requests per minute")
+        p.add_argument("--tpm", type=int, help="tokens per minute")
+    p = t.add_parser("rotate-key", parents=[common])
+    p.add_argument("name")
+    p.add_argument("--drop-previous", action="store_true", help="old key stops working now")
+    p = t.add_parser("delete", parents=[common])
+    p.add_argument("name")
+
+    au = sub.add_parser("audit", help="read the audit log (newest first)", parents=[common])
+    au.add_argument("--limit", type=int, default=50)
+    au.add_argument("--before", type=int)
+
+
+def run(args: argparse.Namespace, transport: httpx.BaseTransport | None = None) -> int:
+    if not args.admin_key:
+        print(
+            "loraplex: an admin key is needed (--admin-key or LORAPLEX_ADMIN_KEY)", file=sys.stderr
+        )
+        return 2
+    headers = {"Authorization": f"Bearer {args.admin_key}", "X-Loraplex-Actor": _who()}
+    with httpx.Client(
+        base_url=args.url, headers=headers, timeout=600, transport=transport
+    ) as client:
+        method, path, body = _request(args)
+        try:
+            resp = client.request(method, path, json=body)
+        except httpx.HTTPError as exc:
+            print(f"loraplex: cannot reach {args.url}: {exc}", file=sys.stderr)
+            return 1
+    try:
+        payload: Any = resp.json()
+    except ValueError:
+        payload = {"error": {"message": resp.text, "code": "not_json"}}
+    if resp.is_error:
+        err = payload.get("error", {}) if isinstance(payload, dict) else {}
+        print(
+            f"loraplex: {resp.status_code} {err.get('code')}: {err.get('message')}", file=sys.stderr
+        )
+        return 1
+    print(json.dumps(payload, indent=2, sort_keys=True))
+    return 0
+
+
+def _request(args: argparse.Namespace) -> tuple[str, str, dict[str, Any] | None]:
+    if args.command == "audit":
+        query = f"?limit={args.limit}" + (f"&before={args.before}" if args.before else "")
+        return "GET", f"/admin/v1/audit{query}", None
+    if args.command == "tenants":
+        return _tenant_request(args)
+    act = args.action
+    base = "/admin/v1/adapters"
+    if act == "list":
+        return "GET", base, None
+    if act == "residency":
+        return "GET", "/admin/v1/residency", None
+    if act == "show":
+        return "GET", f"{base}/{args.name}", None
+    if act == "register":
+        meta = dict(_kv(m) for m in args.meta)
+        body = {"name": args.name, "source": args.source, "metadata": meta}
+        if args.base_digest:
+            body["base_digest"] = args.base_digest
+        if args.alias:
+            body["alias"] = args.alias
+        return "POST", base, body
+    if act == "validate":
+        body = {"source": args.source}
+        if args.base_digest:
+            body["base_digest"] = args.base_digest
+        return "POST", f"{base}/validate", body
+    if act == "promote":
+        return "PUT", f"{base}/{args.name}/aliases/{args.alias}", {"version": args.version}
+    if act == "unalias":
+        return "DELETE", f"{base}/{args.name}/aliases/{args.alias}", None
+    version = f"{base}/{args.name}/versions/{args.version}"
+    return {
+        "pin": ("POST", f"{version}/pin", None),
+        "unpin": ("DELETE", f"{version}/pin", None),
+        "retire": ("POST", f"{version}/retire", None),
+        "revalidate": ("POST", f"{version}/validate", None),
+        "delete": ("DELETE", version, None),
+    }[act]
+
+
+def _tenant_request(args: argparse.Namespace) -> tuple[str, str, dict[str, Any] | None]:
+    base = "/admin/v1/tenants"
+    if args.action == "list":
+        return "GET", base, None
+    if args.action == "delete":
+        return "DELETE", f"{base}/{args.name}", None
+    if args.action == "rotate-key":
+        return "POST", f"{base}/{args.name}/rotate-key", {"keep_previous": not args.drop_previous}
+    body: dict[str, Any] = {}
+    if args.adapters is not None:
+        body["adapters"] = [a.strip() for a in args.adapters.split(",") if a.strip()]
+    if args.default is not None:
+        body["default"] = args.default
+    quotas = {
+        "max_adapters": args.max_adapters,
+        "requests_per_minute": args.rpm,
+        "tokens_per_minute": args.tpm,
+    }
+    if any(v is not None for v in quotas.values()):
+        body["quotas"] = quotas
+    if args.action == "create":
+        return "POST", base, {"name": args.name, **body}
+    return "PATCH", f"{base}/{args.name}", body
+
+
+def _kv(text: str) -> tuple[str, str]:
+    key, sep, value = text.partition("=")
+    if not sep or not key:
+        raise SystemExit(f"loraplex: --meta wants KEY=VALUE, got {text!r}")
+    return key, value
+
+
+def _who() -> str:
+    try:
+        return getpass.getuser()[:64]
+    except (KeyError, OSError):
+        return "cli"
