@@ -23,7 +23,7 @@ def add_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> No
     common.add_argument("--url", default=os.environ.get("LORAPLEX_ADMIN_URL", DEFAULT_URL))
     common.add_argument("--admin-key", default=os.environ.get("LORAPLEX_ADMIN_KEY"))
 
-    ad = sub.add_parser("adapters", help="manage adapter versions (admin API)", parents=[common])
+    ad = sub.add_parser("adapters", help="manage adapter versions (admin API)")
     a = ad.add_subparsers(dest="action", required=True)
     a.add_parser("list", parents=[common])
     p = a.add_parser("show", parents=[common], help="one adapter: versions and aliases")
@@ -50,7 +50,7 @@ def add_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> No
         p.add_argument("version", type=int)
     a.add_parser("residency", parents=[common], help="what is registered on the engine")
 
-    te = sub.add_parser("tenants", help="manage tenants (admin API)", parents=[common])
+    te = sub.add_parser("tenants", help="manage tenants (admin API)")
     t = te.add_subparsers(dest="action", required=True)
     t.add_parser("list", parents=[common])
     for action in ("create", "update"):

@@ -1,0 +1,133 @@
+"""`loraplex adapters|tenants|audit`: each command sends the admin API request it names."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from typing import Any
+
+import httpx
+import pytest
+
+from server.cli_admin import add_commands, run
+
+CASES: list[tuple[list[str], str, str, Any]] = [
+    (["adapters", "list"], "GET", "/admin/v1/adapters", None),
+    (["adapters", "show", "medical"], "GET", "/admin/v1/adapters/medical", None),
+    (
+        ["adapters", "register", "medical", "/a/b", "--alias", "canary", "--meta", "tag=v2"],
+        "POST",
+        "/admin/v1/adapters",
+        {"name": "medical", "source": "/a/b", "metadata": {"tag": "v2"}, "alias": "canary"},
+    ),
+    (
+        ["adapters", "validate", "s3://b/k.tgz", "--base-digest", "sha256:x"],
+        "POST",
+        "/admin/v1/adapters/validate",
+        {"source": "s3://b/k.tgz", "base_digest": "sha256:x"},
+    ),
+    (
+        ["adapters", "promote", "medical", "3"],
+        "PUT",
+        "/admin/v1/adapters/medical/aliases/stable",
+        {"version": 3},
+    ),
+    (
+        ["adapters", "unalias", "medical", "canary"],
+        "DELETE",
+        "/admin/v1/adapters/medical/aliases/canary",
+        None,
+    ),
+    (
+        ["adapters", "pin", "medical", "2"],
+        "POST",
+        "/admin/v1/adapters/medical/versions/2/pin",
+        None,
+    ),
+    (
+        ["adapters", "unpin", "medical", "2"],
+        "DELETE",
+        "/admin/v1/adapters/medical/versions/2/pin",
+        None,
+    ),
+    (
+        ["adapters", "retire", "medical", "2"],
+        "POST",
+        "/admin/v1/adapters/medical/versions/2/retire",
+        None,
+    ),
+    (
+        ["adapters", "delete", "medical", "2"],
+        "DELETE",
+        "/admin/v1/adapters/medical/versions/2",
+        None,
+    ),
+    (["adapters", "residency"], "GET", "/admin/v1/residency", None),
+    (
+        ["tenants", "create", "acme", "--adapters", "medical, legal", "--rpm", "60"],
+        "POST",
+        "/admin/v1/tenants",
+        {
+            "name": "acme",
+            "adapters": ["medical", "legal"],
+            "quotas": {"max_adapters": None, "requests_per_minute": 60, "tokens_per_minute": None},
+        },
+    ),
+    (
+        ["tenants", "update", "acme", "--default", "legal"],
+        "PATCH",
+        "/admin/v1/tenants/acme",
+        {"default": "legal"},
+    ),
+    (
+        ["tenants", "rotate-key", "acme", "--drop-previous"],
+        "POST",
+        "/admin/v1/tenants/acme/rotate-key",
+        {"keep_previous": False},
+    ),
+    (["tenants", "delete", "acme"], "DELETE", "/admin/v1/tenants/acme", None),
+    (["audit", "--limit", "5", "--before", "9"], "GET", "/admin/v1/audit?limit=5&before=9", None),
+]
+
+
+def parse(argv: list[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser()
+    add_commands(parser.add_subparsers(dest="command", required=True))
+    return parser.parse_args([*argv, "--admin-key", "sk-admin"])
+
+
+@pytest.mark.parametrize(("argv", "method", "path", "body"), CASES, ids=lambda c: str(c))
+def test_command_sends_its_request(
+    argv: list[str], method: str, path: str, body: Any, capsys: pytest.CaptureFixture[str]
+) -> None:
+    seen: list[httpx.Request] = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        seen.append(request)
+        return httpx.Response(200, json={"ok": True})
+
+    args = parse(argv)
+    assert run(args, transport=httpx.MockTransport(handler)) == 0
+    [req] = seen
+    assert req.method == method
+    assert req.url.raw_path.decode() == path
+    assert req.headers["authorization"] == "Bearer sk-admin"
+    assert req.headers["x-loraplex-actor"]
+    assert (json.loads(req.content) if req.content else None) == body
+    assert json.loads(capsys.readouterr().out) == {"ok": True}
+
+
+def test_api_error_is_printed_and_exit_1(capsys: pytest.CaptureFixture[str]) -> None:
+    def handler(request: httpx.Request) -> httpx.Response:
+        err = {"error": {"message": "no adapter named 'x'", "code": "adapter_not_found"}}
+        return httpx.Response(404, json=err)
+
+    assert run(parse(["adapters", "show", "x"]), transport=httpx.MockTransport(handler)) == 1
+    assert "404 adapter_not_found: no adapter named 'x'" in capsys.readouterr().err
+
+
+def test_missing_admin_key_is_exit_2(capsys: pytest.CaptureFixture[str]) -> None:
+    args = parse(["adapters", "list"])
+    args.admin_key = None
+    assert run(args) == 2
+    assert "admin key" in capsys.readouterr().err
