@@ -15,7 +15,6 @@ import os
 import posixpath
 import stat
 import tarfile
-import threading
 import zipfile
 import zlib
 from collections.abc import Callable
@@ -23,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import IO
 
-from adapters.errors import ArchiveInvalid, ArchiveTooLarge, ArchiveUnsafe, SourceUnreachable
+from adapters.errors import ArchiveInvalid, ArchiveTooLarge, ArchiveUnsafe
 
 _CHUNK = 1 << 20
 _MAX_LINK_HOPS = 8
@@ -57,12 +56,12 @@ class TreeWriter:
         self,
         dest: Path,
         limits: ArchiveLimits,
-        stop: threading.Event | None,
+        check: Callable[[], None] | None,
         on_bytes: Callable[[int], None] | None = None,
     ) -> None:
         self.dest = dest
         self.limits = limits
-        self.stop = stop
+        self.check = check  # raises to abort (shutdown, deadline)
         self.on_bytes = on_bytes
         self.members = 0
         self.written = 0
@@ -102,8 +101,8 @@ class TreeWriter:
                 self.written += len(chunk)
                 if self.written > self.limits.max_extracted_bytes:
                     raise self.too_large()
-                if self.stop is not None and self.stop.is_set():
-                    raise SourceUnreachable("fetch cancelled (gateway shutting down)")
+                if self.check is not None:
+                    self.check()
                 out.write(chunk)
                 if self.on_bytes is not None:
                     self.on_bytes(len(chunk))
@@ -140,12 +139,13 @@ def extract_archive(
     archive: Path,
     dest: Path,
     limits: ArchiveLimits,
-    stop: threading.Event | None = None,
+    check: Callable[[], None] | None = None,
 ) -> int:
-    """Extract into the empty directory `dest`; returns the bytes written."""
+    """Extract into the empty directory `dest`; returns the bytes written. `check` is called
+    between chunks and may raise to abort."""
     with archive.open("rb") as f:
         magic = f.read(4)
-    writer = TreeWriter(dest, limits, stop)
+    writer = TreeWriter(dest, limits, check)
     if magic[:2] == b"PK":
         _extract_zip(archive, writer)
     else:
@@ -246,14 +246,15 @@ def copy_tree(
     *,
     within: tuple[Path, ...] = (),
     on_bytes: Callable[[int], None] | None = None,
-    stop: threading.Event | None = None,
+    check: Callable[[], None] | None = None,
 ) -> int:
     """Copy a local adapter directory's regular files under the same caps as an archive.
 
     Symlinks to files are followed (a Hugging Face cache snapshot is all symlinks into
     `blobs/`), but when `within` is given their targets must resolve inside one of those roots.
     Returns the bytes copied."""
-    writer = TreeWriter(dest, limits, stop, on_bytes)
+    writer = TreeWriter(dest, limits, check, on_bytes)
+    dest.mkdir(parents=True, exist_ok=True)
     for dirpath, dirnames, filenames in os.walk(src, followlinks=False):
         for dname in dirnames:
             if (Path(dirpath) / dname).is_symlink():

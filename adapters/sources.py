@@ -45,7 +45,8 @@ _CONFIG = "adapter_config.json"
 class SourceSettings:
     cache_dir: Path
     limits: ArchiveLimits = field(default_factory=ArchiveLimits)
-    http_timeout_s: float = 30.0
+    http_timeout_s: float = 30.0  # connect / between bytes
+    max_fetch_s: float = 1800.0  # a whole materialisation, however slowly the bytes drip
     # When non-empty, local paths (and the files their symlinks reach) must lie under one of these.
     local_roots: tuple[Path, ...] = ()
     # S3-compatible store; None falls back to boto3's own chain (AWS_* env vars, profiles, roles).
@@ -57,12 +58,17 @@ class SourceSettings:
 
 @dataclass(slots=True)
 class FetchContext:
-    """What a source gets in its worker thread: a private work dir, caps, progress, a stop flag."""
+    """What a source gets in its worker thread: a private work dir, caps, progress, and
+    `check_stop`, to call between chunks (gateway shutdown, overall deadline)."""
 
     work: Path
     settings: SourceSettings
     stop: threading.Event
     report: Callable[[int, int | None], None]
+    deadline: float = field(default=0.0)
+
+    def __post_init__(self) -> None:
+        self.deadline = time.monotonic() + self.settings.max_fetch_s
 
     @property
     def limits(self) -> ArchiveLimits:
@@ -71,10 +77,14 @@ class FetchContext:
     def check_stop(self) -> None:
         if self.stop.is_set():
             raise SourceUnreachable("fetch cancelled (gateway shutting down)")
+        if time.monotonic() > self.deadline:
+            raise SourceUnreachable(
+                f"fetch took longer than {self.settings.max_fetch_s:.0f} s (max_fetch_s)"
+            )
 
     def tree(self) -> TreeWriter:
         """A writer for sources that produce a directory of files (local dir, S3 prefix)."""
-        return TreeWriter(self.work / "tree", self.limits, self.stop)
+        return TreeWriter(self.work / "tree", self.limits, self.check_stop)
 
 
 @dataclass(frozen=True, slots=True)
@@ -122,8 +132,10 @@ class LocalSource:
                 ctx.report(done, total)
 
             written = copy_tree(
-                real, dest, ctx.limits, within=roots, on_bytes=on_bytes, stop=ctx.stop
+                real, dest, ctx.limits, within=roots, on_bytes=on_bytes, check=ctx.check_stop
             )
+            if not any(dest.iterdir()):
+                raise SourceNotFound(f"{self.path} holds no files")
             return Fetched(dest, is_archive=False, fetched_bytes=written)
         if real.is_file():
             dest = ctx.work / "archive"
@@ -277,7 +289,7 @@ class SourceResolver:
 
     async def materialize(self, uri: str, progress: Progress | None = None) -> Materialized:
         source = self._factory(uri, self.settings)
-        key = source.uri
+        key = uri.strip()  # not the redacted form: a query string may select other content
         flight = self._inflight.get(key)
         if flight is None:
             flight = self._start(key, source)
@@ -326,7 +338,7 @@ class SourceResolver:
                 tree = work / "extracted"
                 if not (cache / key).is_dir():
                     tree.mkdir()
-                    extract_archive(fetched.path, tree, self.settings.limits, self._stop)
+                    extract_archive(fetched.path, tree, self.settings.limits, ctx.check_stop)
             else:
                 tree = fetched.path
                 key = tree_digest(tree)

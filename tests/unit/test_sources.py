@@ -144,6 +144,8 @@ async def test_local_archive_file_and_wrapping_folder(
 async def test_local_errors(settings: SourceSettings, tmp_path: Path, adapter: Path) -> None:
     resolver = SourceResolver(settings)
     assert await code_of(resolver.materialize(str(tmp_path / "nope"))) == "source_not_found"
+    (tmp_path / "empty").mkdir()
+    assert await code_of(resolver.materialize(str(tmp_path / "empty"))) == "source_not_found"
     fenced = SourceResolver(SourceSettings(settings.cache_dir, local_roots=(tmp_path / "allowed",)))
     assert await code_of(fenced.materialize(str(adapter))) == "source_denied"
     (tmp_path / "allowed").mkdir()
@@ -280,6 +282,12 @@ async def test_http_limits_and_failures(
         sock.bind(("127.0.0.1", 0))
         closed = f"http://127.0.0.1:{sock.getsockname()[1]}/a.tgz"
     assert await code_of(resolver.materialize(closed)) == "source_unreachable"
+    impatient = SourceSettings(settings.cache_dir, max_fetch_s=0.2)
+    dripping = site.add("/drip.tgz", archive + bytes(1 << 20), drip="0.05")
+    with pytest.raises(LoraplexError) as info:
+        await SourceResolver(impatient).materialize(dripping)
+    assert info.value.error_code == "source_unreachable"
+    assert "max_fetch_s" in info.value.message
     assert not list((tight.cache_dir / ".tmp").iterdir())
 
 
