@@ -62,7 +62,8 @@ def main() -> None:
     admin = httpx.get(
         f"{args.base_url}/admin/v1/adapters", headers={"Authorization": "Bearer sk-demo-admin"}
     ).json()
-    print("== Adapters on the engine (admin API):", {a["name"]: a["state"] for a in admin["data"]})
+    versions = {v["label"]: v["state"] for a in admin["data"] for v in a["versions"]}
+    print("== Adapter versions in the registry (admin API):", versions)
 
 
 def ask(c: openai.OpenAI, model: str, question: str, headers: dict[str, str]) -> None:

@@ -190,7 +190,8 @@ async def watch_engine(state: GatewayState) -> None:
 async def register_bootstrap(state: GatewayState, adapters: dict[str, str]) -> None:
     for name, source in adapters.items():
         try:
-            version, created = await state.lifecycle.register(name, source, SYSTEM)
+            # The file says what `name` means now: its content becomes `stable`.
+            version, created = await state.lifecycle.register(name, source, SYSTEM, alias="stable")
         except LoraplexError as exc:
             log.error(
                 "bootstrap adapter refused",
