@@ -359,6 +359,8 @@ class Registry:
                 if before is None:
                     raise VersionNotFound(f"no alias {name}@{alias}")
                 await conn.execute(sa.delete(t.aliases).where(c.name == name, c.alias == alias))
+            elif before == version:
+                return before, version  # no change: no audit entry, no generation bump
             else:
                 target = await _get_version(conn, name, version)
                 if ready_only and target.state is not VersionState.READY:
