@@ -13,6 +13,7 @@ from starlette.responses import JSONResponse
 
 from adapters.registry import VersionNotFound
 from adapters.types import ALIAS_RE, NAME_RE, AdapterVersion
+from server.errors import Conflict
 from server.protocol import openapi_body
 from server.routes.admin_common import actor, json_body, require_admin
 from server.state import get_state
@@ -138,6 +139,9 @@ async def list_adapters(request: Request) -> AdapterListView:
 async def register_adapter(request: Request) -> Any:
     """Fetch, validate against the served base, smoke-test on the engine, then mark ready."""
     body = await json_body(request, RegisterRequest)
+    reserved = {get_state(request).settings.engine.served_model_name, "auto", "default"}
+    if body.name in reserved:
+        raise Conflict(f"{body.name!r} is reserved (base model or routing name)", param="name")
     version, created = await get_state(request).lifecycle.register(
         body.name,
         body.source,
