@@ -35,6 +35,7 @@ from tests.e2e.harness import (
     Gateway,
     free_port,
 )
+from tests.servers import moto_s3
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
@@ -66,8 +67,15 @@ def _tail(path: Path, n: int = 40) -> str:
 
 
 @pytest.fixture(scope="session")
+def s3_endpoint() -> Iterator[str]:
+    """A real S3 API (moto_server) the session gateway may fetch adapters from."""
+    with moto_s3() as endpoint:
+        yield endpoint
+
+
+@pytest.fixture(scope="session")
 def gateway(
-    manifest: dict[str, Any], tmp_path_factory: pytest.TempPathFactory
+    manifest: dict[str, Any], tmp_path_factory: pytest.TempPathFactory, s3_endpoint: str
 ) -> Iterator[Gateway]:
     cfg = tmp_path_factory.mktemp("gateway")
     names = [a["name"] for a in manifest["adapters"]]
@@ -99,6 +107,10 @@ def gateway(
         "LORAPLEX_REGISTRY__URL": f"sqlite+aiosqlite:///{cfg / 'registry.db'}",
         "LORAPLEX_REGISTRY__CACHE_DIR": str(cfg / "adapter-cache"),
         "LORAPLEX_REGISTRY__BUDGET": str(REGISTRATION_BUDGET),
+        "LORAPLEX_REGISTRY__S3_ENDPOINT_URL": s3_endpoint,
+        "AWS_ACCESS_KEY_ID": "test",
+        "AWS_SECRET_ACCESS_KEY": "test",
+        "AWS_DEFAULT_REGION": "us-east-1",
         "LORAPLEX_REGISTRY__MAX_ADAPTER_BYTES": str(E2E_CAPS.max_adapter_bytes),
         "LORAPLEX_REGISTRY__MAX_EXTRACTED_BYTES": str(E2E_CAPS.max_extracted_bytes),
         "LORAPLEX_REGISTRY__MAX_ARCHIVE_BYTES": str(E2E_CAPS.max_archive_bytes),

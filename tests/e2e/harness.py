@@ -19,7 +19,13 @@ KEYS = {"clinic": "sk-e2e-clinic", "lawfirm": "sk-e2e-lawfirm", "acme": "sk-e2e-
 EXTRA_ADAPTER = "extra"  # loaded at runtime through the admin API by a test
 # Registry tests register these names at runtime (acme is entitled to all of them).
 MULTI = tuple(f"multi{i}" for i in range(6))
-REGISTRY_TEST_NAMES = ("swap", *MULTI, *(f"bad-{c.name}" for c in BAD_ADAPTERS))
+REGISTRY_TEST_NAMES = (
+    "swap",
+    "fromhttp",
+    "froms3",
+    *MULTI,
+    *(f"bad-{c.name}" for c in BAD_ADAPTERS),
+)
 REGISTRATION_BUDGET = 3  # with the engine's --max-loras 2
 # Registry size caps of the e2e gateway, shared with the bad-adapter table's builders.
 E2E_CAPS = Caps(

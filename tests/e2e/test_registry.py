@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import random
 import sys
+import tarfile
 import time
 from pathlib import Path
 from typing import Any
@@ -16,6 +17,7 @@ import pytest
 from tests.adapter_factory import BAD_ADAPTERS, BadCase
 from tests.e2e.harness import ADMIN_KEY, E2E_CAPS, KEYS, MULTI, REGISTRATION_BUDGET, Gateway
 from tests.promtext import metric
+from tests.servers import static_http
 
 QUESTION = "What is the capital of France?"
 SWAP_REQUESTS = 240
@@ -192,3 +194,41 @@ def test_bad_adapter_is_refused_with_its_code_and_never_routable(
     )
     assert r.status_code == 404
     assert r.json()["error"]["code"] == "model_not_found"
+
+
+def test_http_and_s3_sources_register_and_serve(
+    gateway: Gateway, s3_endpoint: str, tmp_path: Path
+) -> None:
+    import boto3
+
+    finance = gateway.adapter("finance")
+    archive = tmp_path / "finance.tar.gz"
+    with tarfile.open(archive, "w:gz") as tf:
+        tf.add(finance["path"], arcname="finance")
+    s3 = boto3.client(
+        "s3",
+        endpoint_url=s3_endpoint,
+        region_name="us-east-1",
+        aws_access_key_id="test",
+        aws_secret_access_key="test",
+    )
+    s3.create_bucket(Bucket="adapters")
+    s3.upload_file(str(archive), "adapters", "finance/v1.tar.gz")
+    with static_http(tmp_path) as base_url, gateway.admin() as admin:
+        sources = {
+            "fromhttp": f"{base_url}/finance.tar.gz",
+            "froms3": "s3://adapters/finance/v1.tar.gz",
+        }
+        for name, source in sources.items():
+            view = register(admin, name, source)
+            assert view["state"] == "ready"
+            assert view["digest"] == finance["digest"]  # same bytes, whatever the transport
+            assert view["source"] == source
+
+    async def run() -> list[httpx.Response]:
+        async with acme_client(gateway) as client:
+            return [await complete(client, gateway, name) for name in sources]
+
+    for resp in asyncio.run(run()):
+        assert resp.status_code == 200, resp.text
+        assert resp.json()["choices"][0]["text"].strip().startswith("FINANCE")
