@@ -47,7 +47,12 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
 
 @pytest.fixture(scope="session")
 def manifest() -> dict[str, Any]:
-    """Build (or reuse) the quantized demo model and adapters; the same path as the demo."""
+    """Build (or reuse) the quantized demo model and adapters; the same path as the demo.
+    `LORAPLEX_E2E_MANIFEST` points at an existing build instead (debugging only)."""
+    given = os.environ.get("LORAPLEX_E2E_MANIFEST")
+    if given:
+        prebuilt: dict[str, Any] = json.loads(Path(given).read_text())
+        return prebuilt
     out = subprocess.run(
         [str(REPO / ".venv/bin/loraplex"), "demo", "prepare"],
         cwd=REPO,
