@@ -10,6 +10,7 @@ stop zip and tar bombs while they decompress. Format is detected from the bytes,
 
 from __future__ import annotations
 
+import hashlib
 import lzma
 import os
 import posixpath
@@ -25,6 +26,7 @@ from typing import IO
 from adapters.errors import ArchiveInvalid, ArchiveTooLarge, ArchiveUnsafe
 
 _CHUNK = 1 << 20
+CONFIG_NAME = "adapter_config.json"  # how an extracted tree's adapter root is found
 _MAX_LINK_HOPS = 8
 
 
@@ -272,3 +274,35 @@ def copy_tree(
             with real.open("rb") as f:
                 writer.write(rel, f, real.stat().st_size)
     return writer.written
+
+
+def adapter_root(entry: Path) -> Path:
+    """The entry itself, or its only top-level folder when the archive wrapped the files in one."""
+    if (entry / CONFIG_NAME).is_file():
+        return entry
+    children = list(entry.iterdir())
+    if len(children) == 1 and children[0].is_dir() and (children[0] / CONFIG_NAME).is_file():
+        return children[0]
+    return entry
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        while chunk := f.read(_CHUNK):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def tree_digest(root: Path) -> str:
+    """sha256 over each regular file, sorted by relative POSIX path: path NUL size NUL bytes."""
+    h = hashlib.sha256()
+    files = sorted(
+        (PurePosixPath(p.relative_to(root).as_posix()), p) for p in root.rglob("*") if p.is_file()
+    )
+    for rel, path in files:
+        h.update(f"{rel}\0{path.stat().st_size}\0".encode())
+        with path.open("rb") as f:
+            while chunk := f.read(_CHUNK):
+                h.update(chunk)
+    return h.hexdigest()

@@ -11,20 +11,27 @@ URI forms and error codes are documented in docs/adapters.md.
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import shutil
 import threading
 import time
 import uuid
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 from typing import Protocol
 from urllib.parse import unquote, urlsplit
 
 import httpx
 
-from adapters.archive import ArchiveLimits, TreeWriter, copy_tree, extract_archive
+from adapters.archive import (
+    ArchiveLimits,
+    TreeWriter,
+    adapter_root,
+    copy_tree,
+    extract_archive,
+    sha256_file,
+    tree_digest,
+)
 from adapters.errors import (
     ArchiveTooLarge,
     SourceDenied,
@@ -38,7 +45,6 @@ Progress = Callable[[int, int | None], None]
 
 _CHUNK = 1 << 20
 _TMP = ".tmp"
-_CONFIG = "adapter_config.json"
 
 
 @dataclass(frozen=True, slots=True)
@@ -372,38 +378,6 @@ class SourceResolver:
         for p in stale:
             _remove(p)
         return len(stale)
-
-
-def adapter_root(entry: Path) -> Path:
-    """The entry itself, or its only top-level folder when the archive wrapped the files in one."""
-    if (entry / _CONFIG).is_file():
-        return entry
-    children = list(entry.iterdir())
-    if len(children) == 1 and children[0].is_dir() and (children[0] / _CONFIG).is_file():
-        return children[0]
-    return entry
-
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        while chunk := f.read(_CHUNK):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-def tree_digest(root: Path) -> str:
-    """sha256 over each regular file, sorted by relative POSIX path: path NUL size NUL bytes."""
-    h = hashlib.sha256()
-    files = sorted(
-        (PurePosixPath(p.relative_to(root).as_posix()), p) for p in root.rglob("*") if p.is_file()
-    )
-    for rel, path in files:
-        h.update(f"{rel}\0{path.stat().st_size}\0".encode())
-        with path.open("rb") as f:
-            while chunk := f.read(_CHUNK):
-                h.update(chunk)
-    return h.hexdigest()
 
 
 def _remove(path: Path) -> None:

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
@@ -25,18 +24,31 @@ from adapters.errors import (
     AdapterConfigInvalid,
     AdapterConfigMissing,
     AdapterFeatureUnsupported,
-    AdapterNotLora,
     AdapterPickleRefused,
-    AdapterRankTooHigh,
     AdapterShapeMismatch,
     AdapterTargetUnsupported,
     AdapterTooLarge,
     AdapterWeightsMissing,
     BaseModelInvalid,
 )
+from adapters.peft_config import CONFIG, RankOf, check_config, read_config
 from adapters.safetensors_header import TensorHeader, read_header
 
-CONFIG = "adapter_config.json"
+__all__ = [
+    "CONFIG",
+    "LLAMA_MODULES",
+    "SIDECAR",
+    "WEIGHTS",
+    "AdapterFacts",
+    "BaseModelInfo",
+    "LoraTensor",
+    "ValidationLimits",
+    "check_against_base",
+    "digest_adapter",
+    "inspect_adapter",
+    "sha256_files",
+]
+
 WEIGHTS = "adapter_model.safetensors"
 SIDECAR = "loraplex.json"
 """Written by our training tools next to the adapter: `{"base_digest": "sha256:..."}`."""
@@ -45,9 +57,6 @@ LLAMA_MODULES = frozenset(
     {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
 )
 _DIGEST_RE = re.compile(r"^sha256:[0-9a-f]{64}$")
-# init_lora_weights strings vLLM accepts (they only set initial adapter weights); see
-# vllm/lora/peft_helper.py in vLLM 0.32.
-_PLAIN_INITS = frozenset({"gaussian", "eva", "orthogonal", "mica", "lora_ga"})
 _CHUNK = 1 << 20
 
 
@@ -198,8 +207,8 @@ def inspect_adapter(path: str | Path, limits: ValidationLimits) -> AdapterFacts:
         )
     if not (root / CONFIG).is_file():
         raise AdapterConfigMissing(f"adapter directory lacks {CONFIG}")
-    config = _read_config(root / CONFIG)
-    rank_of = _check_config(config, limits)
+    config = read_config(root / CONFIG)
+    rank_of = check_config(config, max_rank=limits.max_rank, supported=limits.supported_modules)
     weights = root / WEIGHTS
     if not weights.is_file():
         raise AdapterWeightsMissing(f"adapter directory lacks {WEIGHTS}")
@@ -271,101 +280,8 @@ def check_against_base(
         )
 
 
-def _read_config(path: Path) -> dict[str, Any]:
-    try:
-        config = json.loads(path.read_bytes())
-    except ValueError as exc:
-        raise AdapterConfigInvalid(f"{CONFIG} is not valid JSON: {exc}") from None
-    if not isinstance(config, dict):
-        raise AdapterConfigInvalid(f"{CONFIG} must be a JSON object")
-    return config
-
-
-def _check_config(config: dict[str, Any], limits: ValidationLimits) -> _RankOf:
-    """The peft LoRA config rules vLLM 0.32 applies (vllm/lora/peft_helper.py), plus ours."""
-    peft_type = config.get("peft_type", "LORA")
-    if peft_type != "LORA":
-        raise AdapterNotLora(f"peft_type is {peft_type!r}; only LORA adapters are served")
-    for key in ("r", "lora_alpha", "target_modules"):
-        if key not in config:
-            raise AdapterConfigInvalid(f"{CONFIG} lacks {key!r}")
-    r, alpha = config["r"], config["lora_alpha"]
-    if not _is_positive_int(r):
-        raise AdapterConfigInvalid(f"r must be a positive integer, got {r!r}")
-    if not isinstance(alpha, int | float) or isinstance(alpha, bool) or not math.isfinite(alpha):
-        raise AdapterConfigInvalid(f"lora_alpha must be a number, got {alpha!r}")
-    _check_features(config)
-    targets = config["target_modules"]
-    if isinstance(targets, list):
-        if not all(isinstance(t, str) for t in targets):
-            raise AdapterConfigInvalid("target_modules must be a list of module names")
-        unsupported = sorted(set(targets) - limits.supported_modules)
-        if unsupported:
-            raise AdapterTargetUnsupported(
-                f"target modules {unsupported} are not supported "
-                f"(supported: {sorted(limits.supported_modules)})"
-            )
-    elif not isinstance(targets, str):  # a regex or "all-linear": the tensors decide
-        raise AdapterConfigInvalid("target_modules must be a list or a string")
-    pattern = config.get("rank_pattern") or {}
-    if not isinstance(pattern, dict) or not all(_is_positive_int(v) for v in pattern.values()):
-        raise AdapterConfigInvalid("rank_pattern must map module patterns to positive integers")
-    max_rank = max([r, *pattern.values()])
-    if max_rank > limits.max_rank:
-        raise AdapterRankTooHigh(
-            f"LoRA rank {max_rank} is above the engine's max LoRA rank {limits.max_rank}"
-        )
-    return _RankOf(r, pattern)
-
-
-def _check_features(config: dict[str, Any]) -> None:
-    refused = []
-    if config.get("use_dora"):
-        refused.append("DoRA (use_dora)")
-    if config.get("bias", "none") != "none":
-        refused.append(f"bias={config['bias']!r}")
-    if config.get("lora_bias"):
-        refused.append("LoRA bias (lora_bias)")
-    if config.get("modules_to_save"):
-        refused.append(f"modules_to_save={config['modules_to_save']!r}")
-    init = config.get("init_lora_weights", True)
-    if isinstance(init, str) and init.lower() not in _PLAIN_INITS:
-        refused.append(f"init_lora_weights={init!r} (it modifies the base weights)")
-    for key, what in (
-        ("alora_invocation_tokens", "Activated LoRA"),
-        ("layer_replication", "layer_replication"),
-        ("use_bdlora", "block-diagonal LoRA"),
-        ("use_qalora", "QALoRA"),
-    ):
-        if config.get(key):
-            refused.append(what)
-    if refused:
-        raise AdapterFeatureUnsupported(f"vLLM does not serve: {'; '.join(refused)}")
-
-
-def _is_positive_int(value: object) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool) and value > 0
-
-
-@dataclass(frozen=True, slots=True)
-class _RankOf:
-    """peft's rank for a module: `rank_pattern`'s first key matching a dotted suffix, else r."""
-
-    r: int
-    pattern: dict[str, int]
-
-    def __call__(self, module_path: str) -> int:
-        for key, rank in self.pattern.items():
-            try:
-                if re.match(rf"(.*\.)?({key})$", module_path):
-                    return rank
-            except re.error:
-                raise AdapterConfigInvalid(f"rank_pattern key {key!r} is not a regex") from None
-        return self.r
-
-
 def _lora_tensors(
-    header: list[TensorHeader], rank_of: _RankOf, limits: ValidationLimits
+    header: list[TensorHeader], rank_of: RankOf, limits: ValidationLimits
 ) -> list[LoraTensor]:
     if not header:
         raise AdapterWeightsMissing(f"{WEIGHTS} holds no tensors")
@@ -387,7 +303,7 @@ def _lora_tensors(
     return tensors
 
 
-def _classify(t: TensorHeader, rank_of: _RankOf, limits: ValidationLimits) -> LoraTensor:
+def _classify(t: TensorHeader, rank_of: RankOf, limits: ValidationLimits) -> LoraTensor:
     parts = t.name.removeprefix("base_model.model.").split(".")
     if "lora_magnitude_vector" in parts:
         raise AdapterFeatureUnsupported(f"{t.name}: DoRA magnitude vectors are not served")

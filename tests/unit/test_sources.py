@@ -21,14 +21,13 @@ from typing import Any
 
 import pytest
 
-from adapters.archive import ArchiveLimits
+from adapters.archive import ArchiveLimits, tree_digest
 from adapters.sources import (
     LocalSource,
     SourceResolver,
     SourceSettings,
     parse_source,
     redact_url,
-    tree_digest,
 )
 from server.errors import LoraplexError
 from tests.adapter_factory import make_adapter
