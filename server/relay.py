@@ -58,15 +58,16 @@ class RequestRecord:
         """The tenant is authenticated: count the request as in flight until `finish`."""
         self.tenant = tenant
         self._admitted = True
-        self.metrics.in_flight.labels(tenant).inc()
+        self.metrics.child(self.metrics.in_flight, tenant).inc()
 
     def on_event(self) -> None:
         now = time.perf_counter()
         if self.first_event is None:
             self.first_event = now
-            self.metrics.ttft.labels(self.tenant, self.adapter).observe(now - self.started)
+            m = self.metrics
+            m.child(m.ttft, self.tenant, self.adapter).observe(now - self.started)
         elif self.last_event is not None:
-            self.metrics.itl.labels(self.adapter).observe(now - self.last_event)
+            self.metrics.child(self.metrics.itl, self.adapter).observe(now - self.last_event)
         self.last_event = now
 
     def on_usage(self, usage: Any) -> None:
@@ -88,18 +89,18 @@ class RequestRecord:
             self.charge_tokens(self.prompt_tokens + self.completion_tokens)
         m = self.metrics
         if self._admitted:
-            m.in_flight.labels(self.tenant).dec()
+            m.child(m.in_flight, self.tenant).dec()
         elapsed = time.perf_counter() - self.started
-        m.requests.labels(self.tenant, self.adapter, self.endpoint, str(self.status)).inc()
+        m.child(m.requests, self.tenant, self.adapter, self.endpoint, str(self.status)).inc()
         if self.error_code:
-            m.errors.labels(self.tenant, self.error_code).inc()
-        m.latency.labels(self.tenant, self.adapter, self.endpoint, str(self.stream)).observe(
+            m.child(m.errors, self.tenant, self.error_code).inc()
+        m.child(m.latency, self.tenant, self.adapter, self.endpoint, str(self.stream)).observe(
             elapsed
         )
         if self.prompt_tokens:
-            m.prompt_tokens.labels(self.tenant, self.adapter).inc(self.prompt_tokens)
+            m.child(m.prompt_tokens, self.tenant, self.adapter).inc(self.prompt_tokens)
         if self.completion_tokens:
-            m.completion_tokens.labels(self.tenant, self.adapter).inc(self.completion_tokens)
+            m.child(m.completion_tokens, self.tenant, self.adapter).inc(self.completion_tokens)
         access_log.info(
             "request",
             extra={
