@@ -132,6 +132,28 @@ def make_adapter(
     return root
 
 
+# ---- comparing trees ------------------------------------------------------------------------
+
+
+def files_of(d: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(d.iterdir())}
+
+
+def zip_of(d: Path) -> bytes:
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w", zipfile.ZIP_DEFLATED) as zf:
+        for name, data in files_of(d).items():
+            zf.writestr(name, data)
+    return buf.getvalue()
+
+
+def same_files(a: Path, b: Path) -> bool:
+    names = sorted(p.name for p in a.iterdir())
+    return names == sorted(p.name for p in b.iterdir()) and all(
+        (a / n).read_bytes() == (b / n).read_bytes() for n in names
+    )
+
+
 # ---- the table of bad adapters ----------------------------------------------------------------
 
 
