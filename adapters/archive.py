@@ -280,7 +280,8 @@ def adapter_root(entry: Path) -> Path:
     """The entry itself, or its only top-level folder when the archive wrapped the files in one."""
     if (entry / CONFIG_NAME).is_file():
         return entry
-    children = list(entry.iterdir())
+    # Archivers' litter (macOS `__MACOSX/`, `.DS_Store`) does not count as a second folder.
+    children = [c for c in entry.iterdir() if not c.name.startswith((".", "__MACOSX"))]
     if len(children) == 1 and children[0].is_dir() and (children[0] / CONFIG_NAME).is_file():
         return children[0]
     return entry

@@ -123,6 +123,12 @@ class LocalSource:
         return str(self.path)
 
     def fetch(self, ctx: FetchContext) -> Fetched:
+        try:
+            return self._fetch(ctx)
+        except PermissionError as exc:
+            raise SourceDenied(f"{self.path}: the gateway may not read {exc.filename}") from None
+
+    def _fetch(self, ctx: FetchContext) -> Fetched:
         roots = tuple(r.resolve() for r in self.roots)
         real = self.path.resolve()
         if roots and not any(real.is_relative_to(r) for r in roots):
@@ -182,6 +188,8 @@ class HttpSource:
             raise SourceUnreachable(f"{shown}: timed out") from None
         except httpx.HTTPError as exc:
             raise SourceUnreachable(f"{shown}: {type(exc).__name__}: {exc}") from None
+        except httpx.InvalidURL as exc:  # e.g. a redirect to something unparseable
+            raise SourceInvalid(f"{shown}: {exc}") from None
         return Fetched(dest, is_archive=True, fetched_bytes=done)
 
 

@@ -17,7 +17,7 @@ from typing import Any
 
 import pytest
 
-from adapters.archive import ArchiveLimits, tree_digest
+from adapters.archive import ArchiveLimits, adapter_root, tree_digest
 from adapters.sources import (
     LocalSource,
     SourceResolver,
@@ -117,6 +117,17 @@ async def test_local_archive_file_and_wrapping_folder(
     assert got.path.parent.name == got.key
 
 
+def test_adapter_root_ignores_archiver_litter(tmp_path: Path) -> None:
+    entry = tmp_path / "entry"
+    (entry / "inner").mkdir(parents=True)
+    (entry / "inner" / "adapter_config.json").write_text("{}")
+    (entry / "__MACOSX").mkdir()
+    (entry / ".DS_Store").write_bytes(b"")
+    assert adapter_root(entry) == entry / "inner"
+    (entry / "second").mkdir()
+    assert adapter_root(entry) == entry  # ambiguous: validation reports the missing config
+
+
 async def test_local_errors(settings: SourceSettings, tmp_path: Path, adapter: Path) -> None:
     resolver = SourceResolver(settings)
     assert await code_of(resolver.materialize(str(tmp_path / "nope"))) == "source_not_found"
@@ -127,6 +138,10 @@ async def test_local_errors(settings: SourceSettings, tmp_path: Path, adapter: P
     (tmp_path / "allowed").mkdir()
     (tmp_path / "allowed" / "link").symlink_to(adapter)  # a link out of the roots
     assert await code_of(fenced.materialize(str(tmp_path / "allowed" / "link"))) == "source_denied"
+    if os.geteuid() != 0:  # root reads everything
+        (adapter / "adapter_config.json").chmod(0)
+        assert await code_of(resolver.materialize(str(adapter))) == "source_denied"
+        (adapter / "adapter_config.json").chmod(0o644)
     small = SourceSettings(settings.cache_dir, limits=ArchiveLimits(max_extracted_bytes=100))
     assert await code_of(SourceResolver(small).materialize(str(adapter))) == "archive_too_large"
 
