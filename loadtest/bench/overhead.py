@@ -33,6 +33,7 @@ from loadtest.bench.procs import (
     BENCH_KEY,
     PY,
     Fleet,
+    cpu_seconds,
     fake_adapter_dir,
     fleet,
     free_port,
@@ -60,6 +61,7 @@ class Result:
     chunks: int = 0
     streams: int = 0
     gap_p99_ms: float = 0.0
+    cpu_us: float | None = None  # CPU time of the target's process per request
 
 
 def spec(stream: bool, model: str = MODEL) -> RequestSpec:
@@ -110,19 +112,29 @@ def start_targets(f: Fleet, workdir: Path, targets: list[str]) -> dict[str, str]
 
 
 async def measure(
-    url: str, upstream: str, concurrency: int, seconds: float, stream: bool, model: str
-) -> tuple[LevelRun, int]:
-    """Warm up, reset the upstream's counters, run the closed loop; (run, events sent)."""
+    url: str,
+    upstream: str,
+    concurrency: int,
+    seconds: float,
+    stream: bool,
+    model: str,
+    pid: int | None = None,
+) -> tuple[LevelRun, int, float | None]:
+    """Warm up, reset the upstream's counters, run the closed loop; (run, events sent, CPU
+    seconds the process `pid` used meanwhile)."""
     one = spec(stream, model)
     await run_closed(url, itertools.repeat(one), concurrency, 10**9, min(1.0, seconds / 4))
     async with httpx.AsyncClient() as c:
         await c.post(upstream + "/stats/reset")
+        cpu0 = cpu_seconds(pid) if pid else None
         run = await run_closed(url, itertools.repeat(one), concurrency, 10**9, seconds)
+        cpu1 = cpu_seconds(pid) if pid else None
         sent = int((await c.get(upstream + "/stats")).json()["events"])
-    return run, sent
+    cpu = cpu1 - cpu0 if cpu0 is not None and cpu1 is not None else None
+    return run, sent, cpu
 
 
-def to_result(name: str, run: LevelRun, sent: int) -> Result:
+def to_result(name: str, run: LevelRun, sent: int, cpu_s: float | None = None) -> Result:
     ok = [r for r in run.results if r.ok]
     lat = [r.e2e for r in ok]
     streams = [r for r in run.results if r.stream]
@@ -139,6 +151,7 @@ def to_result(name: str, run: LevelRun, sent: int) -> Result:
         chunks=sum(r.chunks for r in streams),
         streams=len(streams),
         gap_p99_ms=(percentile(gaps, 99) or 0) * 1000,
+        cpu_us=cpu_s / len(run.results) * 1e6 if cpu_s is not None and run.results else None,
     )
 
 
@@ -147,16 +160,18 @@ def report(results: list[Result], stream: bool) -> str:
     levels = sorted({r.concurrency for r in results})
     names = [t for t in TARGETS if any(r.target == t for r in results)]
     out = [
-        "| target | c | p50 ms | p99 ms | added p50 ms | added p99 ms | RPS | errors |",
-        "|---|---|---|---|---|---|---|---|",
+        "| target | c | p50 ms | p99 ms | added p50 ms | added p99 ms | RPS | errors "
+        "| CPU us/req |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for c in levels:
         d = by[("direct", c)]
         for t in names:
             r = by[(t, c)]
+            cpu = "-" if r.cpu_us is None else f"{r.cpu_us:.0f}"
             out.append(
                 f"| {t} | {c} | {r.p50_ms:.2f} | {r.p99_ms:.2f} | {r.p50_ms - d.p50_ms:+.2f} | "
-                f"{r.p99_ms - d.p99_ms:+.2f} | {r.rps:.0f} | {r.errors} |"
+                f"{r.p99_ms - d.p99_ms:+.2f} | {r.rps:.0f} | {r.errors} | {cpu} |"
             )
     sat = {t: max(by[(t, c)].rps for c in levels) for t in names}
     out += ["", "| target | saturation RPS (best of c=" + ",".join(map(str, levels)) + ") |"]
@@ -215,12 +230,13 @@ def main(argv: list[str] | None = None) -> None:
         for c in levels:
             for name, url in urls.items():
                 model = args.model if name == "loraplex" else MODEL
-                run, sent = asyncio.run(
-                    measure(url, urls["direct"], c, args.seconds, args.stream, model)
+                pid = f.procs[name].pid
+                run, sent, cpu = asyncio.run(
+                    measure(url, urls["direct"], c, args.seconds, args.stream, model, pid)
                 )
                 if not run.results:
                     raise RuntimeError(f"no request completed against {name}")
-                r = to_result(name, run, sent)
+                r = to_result(name, run, sent, cpu)
                 results.append(r)
                 print(
                     f"  {name:<20} c={c:<3} p50 {r.p50_ms:7.2f} ms  {r.rps:7.0f} RPS"

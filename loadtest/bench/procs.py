@@ -43,6 +43,16 @@ def wait_ready(
     raise RuntimeError(f"{url} did not come up in {timeout_s:.0f} s")
 
 
+def cpu_seconds(pid: int) -> float | None:
+    """User + system CPU time of a process (all its threads) from /proc; None elsewhere.
+    CPU per request is a steadier measure than latency on a shared, busy machine."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return None
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def gateway_config(
     workdir: Path, adapters: dict[str, str], key: str = BENCH_KEY, base_dir: str | None = None
 ) -> tuple[list[str], dict[str, str]]:

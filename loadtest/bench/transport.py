@@ -30,14 +30,16 @@ VARIANTS = (
 def report(results: list[Result]) -> str:
     direct = {r.concurrency: r for r in results if r.target == "direct"}
     out = [
-        "| upstream client | c | p50 ms | p99 ms | added p50 ms | added p99 ms | RPS | errors |",
-        "|---|---|---|---|---|---|---|---|",
+        "| upstream client | c | p50 ms | p99 ms | added p50 ms | added p99 ms | RPS | errors "
+        "| CPU us/req |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for r in results:
         d = direct[r.concurrency]
         out.append(
             f"| {r.target} | {r.concurrency} | {r.p50_ms:.2f} | {r.p99_ms:.2f} | "
-            f"{r.p50_ms - d.p50_ms:+.2f} | {r.p99_ms - d.p99_ms:+.2f} | {r.rps:.0f} | {r.errors} |"
+            f"{r.p50_ms - d.p50_ms:+.2f} | {r.p99_ms - d.p99_ms:+.2f} | {r.rps:.0f} | {r.errors} "
+            f"| {'-' if r.cpu_us is None else f'{r.cpu_us:.0f}'} |"
         )
     return "\n".join(out)
 
@@ -55,6 +57,7 @@ def main(argv: list[str] | None = None) -> None:
         f.start("direct", [PY, "-m", "loadtest.bench.fake_upstream", "--port", str(up)])
         f.ready("direct", upstream + "/health")
         urls = {"direct": upstream}
+        keys: dict[str, str] = {}
         for i, (label, client, pool) in enumerate(VARIANTS):
             port = free_port()
             cmd = [PY, "-m", "loadtest.bench.passthrough", "--port", str(port)]
@@ -62,10 +65,14 @@ def main(argv: list[str] | None = None) -> None:
             f.start(f"v{i}", cmd)
             f.ready(f"v{i}", f"http://127.0.0.1:{port}/v1/models")
             urls[label] = f"http://127.0.0.1:{port}"
+            keys[label] = f"v{i}"
         for c in args.concurrency:
             for name, url in urls.items():
-                run, sent = asyncio.run(measure(url, upstream, c, args.seconds, args.stream, MODEL))
-                r = to_result(name, run, sent)
+                pid = f.procs["direct" if name == "direct" else keys[name]].pid
+                run, sent, cpu = asyncio.run(
+                    measure(url, upstream, c, args.seconds, args.stream, MODEL, pid)
+                )
+                r = to_result(name, run, sent, cpu)
                 results.append(r)
                 print(f"  {name:<40} c={c:<3} {r.rps:7.0f} RPS", file=sys.stderr, flush=True)
     print(report(results))

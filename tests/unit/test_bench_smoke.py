@@ -46,6 +46,7 @@ def test_overhead_benchmark_runs_and_reports_ratios(stream: bool) -> None:
         "loraplex",
     }
     assert all(r[7] == "0" for r in rows), rows  # errors
+    assert all(r[8] != "-" for r in rows), rows  # CPU per request measured
     assert "| passthrough-aiohttp | 2 |" in out.split("| loraplex vs |")[1]
     if stream:
         fidelity = table(out, "| target | c | events sent")
