@@ -108,6 +108,9 @@ def gateway(
         "LORAPLEX_ENGINE__LOG_FILE": str(engine_log),
         "LORAPLEX_ENGINE__HEALTH_INTERVAL_S": "0.5",
         "LORAPLEX_ENGINE__RESTART_BACKOFF_S": "3",
+        # 200 concurrent requests on 2 busy cores can queue in vLLM for minutes.
+        "LORAPLEX_ENGINE__READ_TIMEOUT_S": "900",
+        "LORAPLEX_ENGINE__REQUEST_TIMEOUT_S": "900",
         # Fewer registrations than the registry tests use: eviction happens for real.
         "LORAPLEX_REGISTRY__URL": f"sqlite+aiosqlite:///{cfg / 'registry.db'}",
         "LORAPLEX_REGISTRY__CACHE_DIR": str(cfg / "adapter-cache"),
