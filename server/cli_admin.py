@@ -15,6 +15,8 @@ from typing import Any
 
 import httpx
 
+from server.cli_merge import add_merge_command, run_merge
+
 DEFAULT_URL = "http://127.0.0.1:8080"
 
 
@@ -49,6 +51,7 @@ def add_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> No
         p.add_argument("name")
         p.add_argument("version", type=int)
     a.add_parser("residency", parents=[common], help="what is registered on the engine")
+    add_merge_command(a, common)  # `adapters merge`: compose versions (server/cli_merge.py)
 
     te = sub.add_parser("tenants", help="manage tenants (admin API)")
     t = te.add_subparsers(dest="action", required=True)
@@ -82,6 +85,8 @@ def run(args: argparse.Namespace, transport: httpx.BaseTransport | None = None) 
     with httpx.Client(
         base_url=args.url, headers=headers, timeout=600, transport=transport
     ) as client:
+        if args.command == "adapters" and args.action == "merge":
+            return run_merge(args, client)
         method, path, body = _request(args)
         try:
             resp = client.request(method, path, json=body)
