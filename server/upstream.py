@@ -124,6 +124,9 @@ class AiohttpEngineClient:
             connector=connector,
             json_serialize=lambda o: orjson.dumps(o).decode(),
             auto_decompress=False,
+            # One session serves every tenant: never carry engine cookies between requests
+            # (and skip the cookie-jar filtering aiohttp does on each request).
+            cookie_jar=aiohttp.DummyCookieJar(),
         )
         self._timeout = aiohttp.ClientTimeout(
             total=settings.request_timeout_s,
