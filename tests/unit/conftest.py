@@ -1,10 +1,19 @@
-"""Fixtures: adapter dirs and config files in tmp_path, a fake engine, a running gateway."""
+"""Fixtures: adapter dirs and config files in tmp_path, a fake engine, a running gateway.
+
+Starting a gateway from an empty registry registers every declared adapter (fetch, validate,
+store, smoke generation): a dozen database transactions. Tests about that path start one with
+`config.settings()`; the `gw` fixture instead starts from a copy of a registry that one such
+bootstrap produced in this session, over an engine that still serves those versions (a gateway
+restart), which is several times faster and leaves the same state.
+"""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import shutil
+import sqlite3
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -50,6 +59,14 @@ def make_adapter_dir(root: Path, name: str, *, weights: str = "adapter_model.saf
 
 # The tiny base's digest is the same for every test (same bytes); computed once.
 BASE_DIGEST_HOLDER: list[str] = [""]
+
+
+@dataclass(frozen=True)
+class Bootstrapped:
+    """A registry database after a full bootstrap, and what the engine then served."""
+
+    db: Path
+    served: frozenset[str]
 
 
 @dataclass(frozen=True)
@@ -102,11 +119,10 @@ def migrated_db(tmp_path_factory: pytest.TempPathFactory) -> Path:
         await (await Registry.open(f"sqlite+aiosqlite:///{path}")).close()
 
     asyncio.run(migrate())
-    return path
+    return _checkpointed(path)
 
 
-@pytest.fixture
-def config(tmp_path: Path, migrated_db: Path) -> Config:
+def build_config(tmp_path: Path, migrated_db: Path) -> Config:
     shutil.copyfile(migrated_db, tmp_path / "registry.db")
     base_dir, BASE_DIGEST_HOLDER[0] = make_base(tmp_path / "base")
     adapters_root = tmp_path / "adapters"
@@ -124,6 +140,39 @@ def config(tmp_path: Path, migrated_db: Path) -> Config:
 
 
 @pytest.fixture
+def config(tmp_path: Path, migrated_db: Path) -> Config:
+    return build_config(tmp_path, migrated_db)
+
+
+@pytest.fixture(scope="session")
+def bootstrapped(tmp_path_factory: pytest.TempPathFactory, migrated_db: Path) -> Bootstrapped:
+    """One full bootstrap of the declared adapters (broken refused by the engine)."""
+    cfg = build_config(tmp_path_factory.mktemp("bootstrapped"), migrated_db)
+    fake = FakeEngine()
+    fake.refuse("broken")
+
+    async def bootstrap() -> frozenset[str]:
+        async with running_gateway(cfg.settings(), fake, ready_timeout_s=60) as gateway:
+            snap = gateway.state.registry.snapshot
+            return frozenset(v.served_name for v in snap.versions.values() if v.routable)
+
+    served = asyncio.run(bootstrap())
+    assert served <= fake.served
+    return Bootstrapped(_checkpointed(cfg.root / "registry.db"), served)
+
+
+def _checkpointed(db: Path) -> Path:
+    """Fold the WAL into the database file, so copying that one file copies everything."""
+    with contextlib.closing(sqlite3.connect(db)) as conn:
+        conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+    assert (
+        not db.with_name(db.name + "-wal").exists()
+        or not db.with_name(db.name + "-wal").stat().st_size
+    )
+    return db
+
+
+@pytest.fixture
 def engine() -> FakeEngine:
     fake = FakeEngine()
     fake.refuse("broken")
@@ -131,7 +180,13 @@ def engine() -> FakeEngine:
 
 
 @pytest.fixture
-async def gw(config: Config, engine: FakeEngine) -> AsyncIterator[Gateway]:
-    """A ready gateway (engine up, declared adapters reconciled) over the default config."""
-    async with running_gateway(config.settings(), engine) as gateway:
+async def gw(
+    config: Config, engine: FakeEngine, bootstrapped: Bootstrapped
+) -> AsyncIterator[Gateway]:
+    """A ready gateway over the default config after a restart: the registry holds the declared
+    adapters (legal, medical, finance ready at version 1 with alias `stable`; broken rejected)
+    and the engine still serves the ready ones, so they are adopted without a load call."""
+    shutil.copyfile(bootstrapped.db, config.root / "registry.db")
+    engine.served |= bootstrapped.served
+    async with running_gateway(config.settings(adapters_file=None), engine) as gateway:
         yield gateway

@@ -14,6 +14,7 @@ import orjson
 from fastapi import FastAPI
 from starlette.types import Message, Scope
 
+from adapters.types import AdapterRef, AdapterVersion
 from server.app import create_app
 from server.settings import Settings
 from server.state import GatewayState
@@ -113,6 +114,15 @@ class Gateway:
         assert resp.status_code == 200
         return resp.text
 
+    def gauge(self, name: str, **labels: str) -> float:
+        """A metric's current value, read in-process (None reads as 0)."""
+        value = self.state.metrics.registry.get_sample_value(name, labels)
+        return 0.0 if value is None else value
+
+    async def wait_gauge(self, name: str, value: float, **labels: str) -> None:
+        """The watcher updates gauges at the end of its round: wait for that round."""
+        await wait_until(lambda: self.gauge(name, **labels) == value, what=f"{name} == {value}")
+
     async def wait_ready(self, status: int = 200, timeout_s: float = 3.0) -> None:
         """Poll /readyz until it answers `status` (200: ready, 503: not ready)."""
         deadline = time.monotonic() + timeout_s
@@ -142,6 +152,20 @@ class Gateway:
         )
 
 
+def version(gw: Gateway, model: str) -> AdapterVersion:
+    """The version `model` (`name`, `name@3`, `name@alias`) resolves to in the gateway now."""
+    ref = AdapterRef.parse(model)
+    assert ref is not None, model
+    found = gw.state.registry.snapshot.resolve(ref)
+    assert found is not None, f"{model} resolves to nothing"
+    return found
+
+
+def served(gw: Gateway, model: str) -> str:
+    """The engine-side name of the version `model` resolves to (`name@N-<digest prefix>`)."""
+    return version(gw, model).served_name
+
+
 def dumps(obj: Any) -> bytes:
     return orjson.dumps(obj)
 
@@ -153,14 +177,15 @@ async def running_gateway(
     *,
     wait_ready: bool = True,
     raise_app_exceptions: bool = True,
+    ready_timeout_s: float = 10.0,
 ) -> AsyncIterator[Gateway]:
     app = create_app(settings, engine_factory=lambda s: engine)
     async with app.router.lifespan_context(app):
         transport = httpx.ASGITransport(app=app, raise_app_exceptions=raise_app_exceptions)
         async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
             gw = Gateway(app, engine, client, settings)
-            if wait_ready:
-                await gw.wait_ready()
+            if wait_ready:  # a ceiling for a busy machine, not a wait
+                await gw.wait_ready(timeout_s=ready_timeout_s)
                 engine.forwarded.clear()  # bootstrap smoke generations are not test traffic
             yield gw
 

@@ -58,7 +58,7 @@ async def test_rotated_keys_both_work(gw: Gateway) -> None:
     for key in (ACME_KEY, ACME_OLD_KEY):
         resp = await gw.chat(key)
         assert resp.status_code == 200
-        assert resp.headers["x-loraplex-adapter"] == "legal"
+        assert resp.headers["x-loraplex-adapter"] == "legal@1"
 
 
 async def test_401_counted_as_anonymous(gw: Gateway) -> None:

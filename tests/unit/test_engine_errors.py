@@ -10,7 +10,15 @@ import pytest
 from server.errors import EngineUnavailable, UpstreamError, UpstreamTimeout
 from tests.unit.conftest import Config
 from tests.unit.fakes import SECRET_SERVED_NAME, Answer, FakeEngine, StreamScript, vllm_404_body
-from tests.unit.helpers import Gateway, assert_error, metric, running_gateway, wait_until
+from tests.unit.helpers import (
+    Gateway,
+    assert_error,
+    metric,
+    running_gateway,
+    served,
+    version,
+    wait_until,
+)
 
 SECRET = b'{"error":{"message":"Traceback ... /srv/secret/path.py CUDA OOM"}}'
 
@@ -107,16 +115,19 @@ async def test_engine_404_for_routable_adapter_triggers_reconcile(
     the request gets a clean 404 and the watcher re-registers the adapter right away."""
     settings = config.settings(engine={"health_interval_s": 30.0})
     async with running_gateway(settings, engine) as gw:
-        loads_before = engine.load_calls.count(("legal", str(config.adapter_dirs["legal"])))
+        legal = version(gw, "legal")
+        call = (legal.served_name, legal.path)
+        loads_before = engine.load_calls.count(call)
+        assert loads_before == 1  # registered once, at bootstrap
         engine.restart()
         resp = await gw.chat(model="legal")
         assert_error(resp, 404, "model_not_found")
         _no_leak(resp)
-        await wait_until(lambda: "legal" in engine.served, what="legal re-registered")
-        assert engine.load_calls.count(("legal", str(config.adapter_dirs["legal"]))) == (
-            loads_before + 1
-        )
+        assert legal.served_name not in resp.text
+        await wait_until(lambda: legal.served_name in engine.served, what="legal re-registered")
+        assert engine.load_calls.count(call) == loads_before + 1
         assert (await gw.chat(model="legal")).status_code == 200
+        assert gw.engine.forwarded[-1].body["model"] == served(gw, "legal")
 
 
 async def test_upstream_error_class_maps_to_502(gw: Gateway) -> None:

@@ -7,16 +7,17 @@ import re
 import orjson
 
 from tests.unit.fakes import USAGE, Answer
-from tests.unit.helpers import ACME_KEY, Gateway, assert_error, auth
+from tests.unit.helpers import ACME_KEY, Gateway, assert_error, auth, served
 
 
 async def test_chat_forwards_body_with_model_rewritten(gw: Gateway) -> None:
     resp = await gw.chat(model="medical", temperature=0.2, vendor_extension={"x": 1})
     assert resp.status_code == 200
-    assert resp.headers["x-loraplex-adapter"] == "medical"
+    assert resp.headers["x-loraplex-adapter"] == "medical@1"
     body = resp.json()
     assert body["object"] == "chat.completion"
-    assert body["model"] == "medical"
+    # The engine's body comes back unchanged: it names the version's engine-side name.
+    assert body["model"] == served(gw, "medical")
     assert body["usage"] == USAGE
     [fwd] = gw.engine.forwarded
     assert fwd.path == "/v1/chat/completions"
@@ -24,7 +25,7 @@ async def test_chat_forwards_body_with_model_rewritten(gw: Gateway) -> None:
     # Unknown fields pass through untouched; only `model` is rewritten.
     assert fwd.body == {
         "messages": [{"role": "user", "content": "hi"}],
-        "model": "medical",
+        "model": served(gw, "medical"),
         "temperature": 0.2,
         "vendor_extension": {"x": 1},
     }
@@ -38,10 +39,10 @@ async def test_completions_forwarded_to_completions_path(gw: Gateway) -> None:
     )
     assert resp.status_code == 200
     assert resp.json()["object"] == "text_completion"
-    assert resp.headers["x-loraplex-adapter"] == "legal"
+    assert resp.headers["x-loraplex-adapter"] == "legal@1"
     [fwd] = gw.engine.forwarded
     assert fwd.path == "/v1/completions"
-    assert fwd.body == {"model": "legal", "prompt": "Once upon", "max_tokens": 4}
+    assert fwd.body == {"model": served(gw, "legal"), "prompt": "Once upon", "max_tokens": 4}
 
 
 async def test_completions_accepts_token_prompts(gw: Gateway) -> None:

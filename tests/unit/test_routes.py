@@ -51,32 +51,48 @@ async def test_wrong_method_is_405_in_error_shape(
     assert resp.headers["allow"] == allow
 
 
-async def test_metrics_exposition(gw: Gateway) -> None:
-    await gw.chat()
-    resp = await gw.client.get("/metrics")
-    assert resp.status_code == 200
-    assert resp.headers["content-type"].startswith("text/plain")
-    text = resp.text
-    for name in (
-        "loraplex_requests_total",
-        "loraplex_errors_total",
-        "loraplex_request_duration_seconds_bucket",
-        "loraplex_time_to_first_token_seconds",
-        "loraplex_inter_token_latency_seconds",
-        "loraplex_prompt_tokens_total",
-        "loraplex_completion_tokens_total",
-        "loraplex_in_flight_requests",
-        "loraplex_adapter_operations_total",
-        "loraplex_adapter_operation_seconds_bucket",
-        "loraplex_adapters_resident",
-        "loraplex_engine_up",
-    ):
-        assert name in text, name
-    # Startup registered legal, medical and finance; broken was refused.
-    assert metric(text, "loraplex_adapter_operations_total", result="loaded") == 3
-    assert metric(text, "loraplex_adapter_operations_total", adapter="broken", result="error") == 1
-    assert metric(text, "loraplex_adapters_resident") == 3
-    assert metric(text, "loraplex_engine_up") == 1
+async def test_metrics_exposition(config: Config, engine: FakeEngine) -> None:
+    """A gateway started from an empty registry: the bootstrap registrations show up."""
+    async with running_gateway(config.settings(), engine) as gw:
+        await gw.chat()
+        resp = await gw.client.get("/metrics")
+        assert resp.status_code == 200
+        assert resp.headers["content-type"].startswith("text/plain")
+        text = resp.text
+        for name in (
+            "loraplex_requests_total",
+            "loraplex_errors_total",
+            "loraplex_request_duration_seconds_bucket",
+            "loraplex_time_to_first_token_seconds",
+            "loraplex_inter_token_latency_seconds",
+            "loraplex_prompt_tokens_total",
+            "loraplex_completion_tokens_total",
+            "loraplex_in_flight_requests",
+            "loraplex_adapter_operations_total",
+            "loraplex_adapter_operation_seconds_bucket",
+            "loraplex_adapter_residency_events_total",
+            "loraplex_adapter_load_seconds_bucket",
+            "loraplex_adapters_resident",
+            "loraplex_adapter_versions",
+            "loraplex_engine_up",
+        ):
+            assert name in text, name
+        # Bootstrap registered legal, medical and finance (one smoke generation each);
+        # the engine refused broken, whose version is stored as rejected.
+        ops = "loraplex_adapter_operations_total"
+        assert metric(text, ops, result="load") == 3
+        assert metric(text, ops, adapter="broken", result="load_error") == 1
+        events = "loraplex_adapter_residency_events_total"
+        assert metric(text, events, event="load") == 3
+        assert metric(text, events, event="load_error") == 1
+        assert metric(text, events, event="miss") == 4  # each smoke test's first lease
+        assert metric(text, events, adapter="legal", event="hit") == 1  # the chat above
+        assert metric(text, "loraplex_adapter_load_seconds_count") == 3
+        assert metric(text, "loraplex_adapters_resident") == 3
+        assert metric(text, "loraplex_adapter_versions", state="ready") == 3
+        assert metric(text, "loraplex_adapter_versions", state="rejected") == 1
+        assert metric(text, "loraplex_adapter_versions", state="retired") == 0
+        assert metric(text, "loraplex_engine_up") == 1
 
 
 async def test_non_stream_metrics_move_by_the_right_amounts(gw: Gateway) -> None:

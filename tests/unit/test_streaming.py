@@ -9,7 +9,15 @@ import orjson
 
 from server.errors import EngineUnavailable, UpstreamTimeout
 from tests.unit.fakes import USAGE, StreamScript, stream_chunks
-from tests.unit.helpers import ACME_KEY, Gateway, assert_error_payload, auth, metric, sse_data
+from tests.unit.helpers import (
+    ACME_KEY,
+    Gateway,
+    assert_error_payload,
+    auth,
+    metric,
+    served,
+    sse_data,
+)
 
 
 async def _stream(
@@ -37,7 +45,7 @@ async def test_events_forwarded_in_order_unchanged_usage_hidden(gw: Gateway) -> 
     assert status == 200
     assert headers["content-type"].startswith("text/event-stream")
     assert headers["cache-control"] == "no-cache"
-    assert headers["x-loraplex-adapter"] == "legal"
+    assert headers["x-loraplex-adapter"] == "legal@1"
     assert "x-request-id" in headers
     # Byte-identical, same order, usage-only chunk dropped, [DONE] last.
     assert data == [e.decode() for e in events[:3]] + ["[DONE]"]
@@ -45,8 +53,9 @@ async def test_events_forwarded_in_order_unchanged_usage_hidden(gw: Gateway) -> 
     assert fwd.stream
     assert fwd.path == "/v1/chat/completions"
     assert fwd.body["stream_options"] == {"include_usage": True}
-    assert fwd.body["model"] == "legal"
+    assert fwd.body["model"] == served(gw, "legal")
     assert gw.engine.streams[0].closed
+    assert gw.state.residency.in_flight(served(gw, "legal")) == 0  # the lease was released
 
 
 async def test_usage_chunk_kept_when_client_asked(gw: Gateway) -> None:
@@ -57,7 +66,7 @@ async def test_usage_chunk_kept_when_client_asked(gw: Gateway) -> None:
     assert chunks[-1]["choices"] == []
     assert chunks[-1]["usage"] == USAGE
     assert [c["choices"][0]["delta"]["content"] for c in chunks[:-1]] == ["Hel", "lo", "!"]
-    assert all(c["model"] == "legal" for c in chunks)
+    assert all(c["model"] == served(gw, "legal") for c in chunks)
     # The client's stream_options go through as given.
     assert gw.engine.forwarded[0].body["stream_options"] == {"include_usage": True, "extra": 1}
 
@@ -72,11 +81,11 @@ async def test_usage_hidden_when_client_set_include_usage_false(gw: Gateway) -> 
 async def test_completions_stream_and_model_rewrite(gw: Gateway) -> None:
     status, headers, data = await _stream(gw, "/v1/completions", prompt="p", model="medical")
     assert status == 200
-    assert headers["x-loraplex-adapter"] == "medical"
+    assert headers["x-loraplex-adapter"] == "medical@1"
     assert data[-1] == "[DONE]"
     fwd = gw.engine.forwarded[0]
     assert fwd.path == "/v1/completions"
-    assert fwd.body["model"] == "medical"
+    assert fwd.body["model"] == served(gw, "medical")
 
 
 async def test_stream_token_metrics_counted_even_when_usage_hidden(gw: Gateway) -> None:
@@ -117,6 +126,7 @@ async def test_mid_stream_engine_failure_ends_with_error_then_done(gw: Gateway) 
     assert_error_payload(orjson.loads(data[2]), "engine_unavailable")
     assert data[3] == "[DONE]"
     assert gw.engine.streams[0].closed
+    assert gw.state.residency.in_flight(served(gw, "legal")) == 0
     after = await gw.metrics()
     code = "engine_unavailable"
     assert (

@@ -3,19 +3,24 @@
 from __future__ import annotations
 
 import asyncio
+import shutil
 
 from server.errors import UpstreamError
-from tests.unit.conftest import Config
+from tests.unit.conftest import Bootstrapped, Config
 from tests.unit.fakes import FakeEngine
 from tests.unit.helpers import (
     ACME_KEY,
+    ADMIN_KEY,
     Gateway,
     assert_error,
     auth,
     metric,
     running_gateway,
+    served,
     wait_until,
 )
+
+ADMIN = auth(ADMIN_KEY)
 
 
 async def test_readyz_503_until_engine_up_then_200(config: Config, engine: FakeEngine) -> None:
@@ -29,7 +34,13 @@ async def test_readyz_503_until_engine_up_then_200(config: Config, engine: FakeE
         engine.healthy = True
         await gw.wait_ready(200)
         assert (await gw.client.get("/readyz")).json() == {"status": "ready"}
-        assert {n for n, _ in engine.load_calls} == {"legal", "medical", "finance", "broken"}
+        versions = gw.state.registry.snapshot.versions
+        assert sorted(versions) == [("broken", 1), ("finance", 1), ("legal", 1), ("medical", 1)]
+        assert {n for n, _ in engine.load_calls} == {v.served_name for v in versions.values()}
+        assert {v.name for v in versions.values() if v.routable} == {"legal", "medical", "finance"}
+        assert versions[("broken", 1)].state == "rejected"
+        assert "bad rank" in (versions[("broken", 1)].state_reason or "")
+        await gw.wait_gauge("loraplex_engine_up", 1)
         assert metric(await gw.metrics(), "loraplex_engine_up") == 1
 
 
@@ -70,7 +81,8 @@ async def test_engine_loss_and_return_reconciles_desired_adapters(gw: Gateway) -
     await gw.wait_ready(503)  # at once: /readyz probes the engine live
     status = gw.state.engine_status
     await wait_until(lambda: status.restarts_seen == 1, what="watcher to see the loss")
-    assert not gw.state.catalog.is_routable("legal")
+    assert gw.state.residency.registered_names() == []
+    await gw.wait_gauge("loraplex_adapters_resident", 0)
     metrics = await gw.metrics()
     assert metric(metrics, "loraplex_engine_up") == 0
     assert metric(metrics, "loraplex_adapters_resident") == 0
@@ -84,34 +96,60 @@ async def test_engine_loss_and_return_reconciles_desired_adapters(gw: Gateway) -
     loads_before = len(engine.load_calls)
     engine.healthy = True
     await gw.wait_ready(200)
-    reloaded = {n for n, _ in engine.load_calls[loads_before:]}
-    assert reloaded == {"legal", "medical", "finance", "broken"}
-    assert {"legal", "medical", "finance"} <= engine.served
+    ready = {served(gw, n) for n in ("legal", "medical", "finance")}
+    reloaded = [n for n, _ in engine.load_calls[loads_before:]]
+    assert sorted(reloaded) == sorted(ready)  # once each; broken (rejected) is not wanted
+    assert ready <= engine.served
     assert (await gw.chat(model="medical")).status_code == 200
+    assert engine.forwarded[-1].body["model"] == served(gw, "medical")
+    await gw.wait_gauge("loraplex_adapters_resident", 3)
     assert metric(await gw.metrics(), "loraplex_adapters_resident") == 3
 
 
-async def test_unloaded_adapter_is_not_reloaded_after_engine_restart(gw: Gateway) -> None:
-    admin = {"Authorization": "Bearer sk-test-admin"}
-    assert (await gw.client.delete("/admin/v1/adapters/medical", headers=admin)).status_code == 200
+async def test_retired_adapter_is_not_reloaded_after_engine_restart(gw: Gateway) -> None:
+    medical = served(gw, "medical")
+    resp = await gw.client.delete("/admin/v1/adapters/medical/aliases/stable", headers=ADMIN)
+    assert resp.status_code == 200
+    resp = await gw.client.post("/admin/v1/adapters/medical/versions/1/retire", headers=ADMIN)
+    assert resp.status_code == 200
+    assert resp.json()["state"] == "retired"
+    assert gw.engine.unload_calls == [medical]
     gw.engine.healthy = False
     gw.engine.restart()
     await gw.wait_ready(503)
+    status = gw.state.engine_status
+    await wait_until(lambda: status.restarts_seen == 1, what="watcher to see the loss")
     loads_before = len(gw.engine.load_calls)
     gw.engine.healthy = True
     await gw.wait_ready(200)
-    assert "medical" not in {n for n, _ in gw.engine.load_calls[loads_before:]}
-    assert_error(await gw.chat(model="medical"), 404, "model_not_found")
+    reloaded = {n for n, _ in gw.engine.load_calls[loads_before:]}
+    assert reloaded == {served(gw, "legal"), served(gw, "finance")}
+    assert_error(await gw.chat(model="medical@1"), 404, "model_not_found")
 
 
-async def test_adapter_already_on_engine_is_adopted_without_loading(
-    config: Config, engine: FakeEngine
+async def test_restart_adopts_what_the_engine_still_serves(
+    config: Config, engine: FakeEngine, bootstrapped: Bootstrapped
 ) -> None:
-    engine.served |= {"legal"}  # kept by the engine from an earlier gateway life
+    """A gateway restart over a registry that holds the adapters file's versions: nothing is
+    stored again, nothing ready is loaded again (the engine kept them); broken, rejected at its
+    last registration, is tried once more as a new version."""
+    shutil.copyfile(bootstrapped.db, config.root / "registry.db")
+    engine.served |= bootstrapped.served
     async with running_gateway(config.settings(), engine) as gw:
-        assert "legal" not in {n for n, _ in engine.load_calls}
+        snap = gw.state.registry.snapshot
+        assert sorted(snap.versions) == [
+            ("broken", 1),
+            ("broken", 2),
+            ("finance", 1),
+            ("legal", 1),
+            ("medical", 1),
+        ]
+        assert [n for n, _ in engine.load_calls] == [snap.versions[("broken", 2)].served_name]
+        assert sorted(gw.state.residency.registered_names()) == sorted(bootstrapped.served)
         resp = await gw.client.get("/v1/models", headers=auth(ACME_KEY))
-        assert "legal" in [m["id"] for m in resp.json()["data"]]
+        assert [m["id"] for m in resp.json()["data"]] == ["base", "legal", "medical"]
+        assert (await gw.chat(model="legal")).status_code == 200
+        assert engine.load_calls[1:] == []
 
 
 async def test_shutdown_is_prompt_when_reconcile_was_just_requested(
