@@ -30,7 +30,9 @@ from server.auth import TenantDirectory, hash_key, read_tenants_file
 from server.base_model import BaseModelCache
 from server.engine_process import LocalEngine
 from server.errors import HTTP_STATUS_CODES, LoraplexError, error_payload
+from server.fastpath import GenerationFastPath
 from server.routes import admin, admin_tenants, health, openai
+from server.routing import AutoRouting
 from server.settings import Settings
 from server.state import GatewayState
 from server.telemetry.metrics import GatewayMetrics
@@ -48,6 +50,7 @@ def create_app(settings: Settings, engine_factory: EngineFactory | None = None) 
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         state = await build_state(settings, engine_factory)
         app.state.loraplex = state
+        app.state.loraplex_router = AutoRouting.start(settings)  # model="auto" (or None: off)
         try:
             if settings.engine.mode == "local":
                 state.local_engine = LocalEngine(settings.engine)
@@ -77,6 +80,7 @@ def create_app(settings: Settings, engine_factory: EngineFactory | None = None) 
     app.include_router(admin_tenants.router)
     app.include_router(health.router)
     _install_error_handlers(app)
+    app.add_middleware(GenerationFastPath)  # inner: runs after the request id is set
     app.add_middleware(RequestIdMiddleware)
     return app
 

@@ -43,12 +43,17 @@ def main(argv: list[str] | None = None) -> int:
     keys.add_argument("key")
 
     sub.add_parser("loadtest", help="run a load-test scenario (`loraplex loadtest --help`)")
+    sub.add_parser("route", help="domain router: eval | train (`loraplex route --help`)")
 
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["loadtest"]:  # its own parser; numpy/matplotlib imported only here
         from loadtest.cli import main as loadtest_main
 
         return loadtest_main(argv[1:])
+    if argv[:1] == ["route"]:  # its own parser; scikit-learn/matplotlib imported only here
+        from router.cli import main as route_main
+
+        return route_main(argv[1:])
     args = parser.parse_args(argv)
     if args.command == "serve":
         return _serve(args)

@@ -28,6 +28,7 @@ from server.errors import (
 )
 from server.protocol import ChatCompletionRequest, CompletionRequest
 from server.relay import RequestRecord, SSEResponse, relay_events
+from server.routing import resolve_model
 from server.state import GatewayState
 from server.upstream import UpstreamResponse, engine_message
 
@@ -148,7 +149,11 @@ async def generate(
     path, schema = ENDPOINTS[kind]
     raw = await read_body(request, state.settings.max_body_bytes)
     body, parsed = parse_request(raw, schema)
-    version = select_adapter(state, tenant, request.headers.get(ADAPTER_HEADER), parsed.model)
+    header = request.headers.get(ADAPTER_HEADER)
+    model, route_headers = await resolve_model(
+        state, request, tenant, kind, body, header, parsed.model
+    )
+    version = select_adapter(state, tenant, header, model)
     if tenant.quotas.requests_per_minute or tenant.quotas.tokens_per_minute:
         state.quotas.admit(tenant.name, tenant.quotas)
         record.charge_tokens = partial(state.quotas.charge_tokens, tenant.name, tenant.quotas)
@@ -161,7 +166,7 @@ async def generate(
         record.lease = await lease_for(state, version)
         adapter, label = record.lease.served_name, version.label
     body["model"] = adapter
-    headers = {"X-Loraplex-Adapter": label}
+    headers = {"X-Loraplex-Adapter": label, **route_headers}
 
     if not parsed.stream:
         resp = await state.engine.post(path, orjson.dumps(body))

@@ -78,6 +78,18 @@ class RegistrySettings(BaseModel):
     s3_endpoint_url: str | None = None
 
 
+class RouterSettings(BaseModel):
+    """Domain routing for `model="auto"` (docs/router.md). Off until a routes file is set."""
+
+    routes_file: Path | None = None
+    classifier: Literal["keyword", "tfidf", "embedding"] = "tfidf"
+    # Fitted classifier: loaded when it matches the routes' examples, else fitted (in a worker
+    # thread at start-up) and saved here. None: fit at every start-up (a few seconds).
+    artefact: Path | None = None
+    classify_input: Literal["last_user", "conversation", "system_last_user"] = "last_user"
+    max_chars: int = Field(1000, ge=16)
+
+
 class Settings(BaseSettings):
     """Top-level gateway settings."""
 
@@ -96,6 +108,7 @@ class Settings(BaseSettings):
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     engine: EngineSettings = Field(default_factory=EngineSettings)
     registry: RegistrySettings = Field(default_factory=RegistrySettings)
+    router: RouterSettings = Field(default_factory=RouterSettings)
 
     @field_validator("admin_key_sha256")
     @classmethod

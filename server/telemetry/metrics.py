@@ -31,6 +31,8 @@ LATENCY_BUCKETS = (
 )
 TOKEN_LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
 LOAD_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+CLASSIFY_BUCKETS = (2.5e-5, 5e-5, 1e-4, 2.5e-4, 5e-4, 1e-3, 2.5e-3, 5e-3, 0.01, 0.025, 0.05, 0.1)
+CONFIDENCE_BUCKETS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 1.0)
 
 
 class GatewayMetrics:
@@ -132,6 +134,34 @@ class GatewayMetrics:
             "1 while the engine answers its health check.",
             registry=r,
         )
+        # Domain router (model="auto"): domains come from the routes file, reasons from
+        # router.types.FALLBACK_REASONS; "none" = out of scope.
+        self.router_decisions = Counter(
+            "loraplex_router_decisions",
+            "Auto-routing decisions, by decided domain.",
+            ["tenant", "domain"],
+            registry=r,
+        )
+        self.router_fallbacks = Counter(
+            "loraplex_router_fallbacks",
+            "Auto-routed requests served by the fallback target, by reason.",
+            ["tenant", "reason"],
+            registry=r,
+        )
+        self.router_confidence = Histogram(
+            "loraplex_router_confidence",
+            "Classifier confidence, by the classifier's top domain (before thresholds).",
+            ["domain"],
+            buckets=CONFIDENCE_BUCKETS,
+            registry=r,
+        )
+        self.router_classify_seconds = Histogram(
+            "loraplex_router_classify_seconds",
+            "Time to classify one request.",
+            ["classifier"],
+            buckets=CLASSIFY_BUCKETS,
+            registry=r,
+        )
 
     def child(self, metric: M, *values: str) -> M:
         """`metric.labels(*values)`, memoised: labels() takes a lock and re-validates on every
@@ -154,6 +184,24 @@ class GatewayMetrics:
             self.observe_adapter_op(adapter, event, seconds)
         if event == "load":
             self.adapter_load_seconds.observe(seconds)
+
+    def observe_route(
+        self,
+        tenant: str,
+        domain: str,
+        top_domain: str,
+        confidence: float,
+        fallback_reason: str | None,
+        classifier: str,
+        seconds: float | None,
+    ) -> None:
+        """One auto-routing decision; every label value comes from the routes file."""
+        self.child(self.router_decisions, tenant, domain).inc()
+        if fallback_reason is not None:
+            self.child(self.router_fallbacks, tenant, fallback_reason).inc()
+        if seconds is not None:
+            self.child(self.router_confidence, top_domain).observe(confidence)
+            self.child(self.router_classify_seconds, classifier).observe(seconds)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
