@@ -4,7 +4,8 @@ Every source is materialised into a content-addressed local cache (`SourceResolv
 land in a private temporary directory, archives are extracted safely (`adapters.archive`), and
 the result is renamed atomically to `<cache_dir>/<sha256>/`, so a reader never sees a partial
 entry and a registered version keeps pointing at immutable files. Fetching, hashing and
-extraction run in a worker thread (sync httpx / boto3): the event loop only waits.
+extraction run in a worker thread (sync httpx / boto3, both imported on first use): the
+event loop only waits.
 URI forms and error codes are documented in docs/adapters.md.
 """
 
@@ -20,8 +21,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
 from urllib.parse import unquote, urlsplit
-
-import httpx
 
 from adapters.archive import (
     ArchiveLimits,
@@ -171,6 +170,8 @@ class HttpSource:
         return redact_url(self.url)
 
     def fetch(self, ctx: FetchContext) -> Fetched:
+        import httpx  # ~0.2 s of import: only when an HTTP source is fetched
+
         dest = ctx.work / "archive"
         shown = self.uri
         timeout = httpx.Timeout(ctx.settings.http_timeout_s)
