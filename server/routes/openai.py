@@ -38,7 +38,8 @@ _ERRORS: dict[int | str, dict[str, Any]] = {
 }
 
 
-async def _serve(request: Request, kind: str) -> Response:
+async def serve_generation(request: Request, kind: str) -> Response:
+    """Authenticate, run the pipeline, account the request (also the ASGI fast path's entry)."""
     state = get_state(request)
     record = RequestRecord(state.metrics, request.state.request_id, "anonymous", kind, stream=False)
     try:
@@ -63,12 +64,12 @@ async def _serve(request: Request, kind: str) -> Response:
     "/v1/chat/completions", responses=_ERRORS, openapi_extra=openapi_body(ChatCompletionRequest)
 )
 async def chat_completions(request: Request) -> Response:
-    return await _serve(request, "chat")
+    return await serve_generation(request, "chat")
 
 
 @router.post("/v1/completions", responses=_ERRORS, openapi_extra=openapi_body(CompletionRequest))
 async def completions(request: Request) -> Response:
-    return await _serve(request, "completions")
+    return await serve_generation(request, "completions")
 
 
 @router.get("/v1/models", response_model=ModelList, responses=_ERRORS)
