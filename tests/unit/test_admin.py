@@ -1,13 +1,12 @@
-"""Admin API: admin key only, adapter list/load/unload, engine status, audit trail."""
+"""Admin API surface: admin key only on every route, views of adapters, versions and residency,
+body validation, error codes; the lifecycle itself is in test_registry_api.py."""
 
 from __future__ import annotations
 
-import logging
 from typing import Any
 
 import pytest
 
-from server.errors import EngineUnavailable, UpstreamError
 from tests.unit.conftest import Config
 from tests.unit.helpers import (
     ACME_KEY,
@@ -16,38 +15,79 @@ from tests.unit.helpers import (
     Gateway,
     assert_error,
     auth,
-    metric,
+    served,
 )
 
 ADMIN = auth(ADMIN_KEY)
 
 ROUTES: list[tuple[str, str, dict[str, Any] | None]] = [
     ("GET", "/admin/v1/adapters", None),
-    ("POST", "/admin/v1/adapters", {"name": "extra", "path": "/nowhere"}),
-    ("DELETE", "/admin/v1/adapters/legal", None),
+    ("POST", "/admin/v1/adapters", {"name": "extra", "source": "/nowhere"}),
+    ("POST", "/admin/v1/adapters/validate", {"source": "/nowhere"}),
+    ("GET", "/admin/v1/adapters/legal", None),
+    ("GET", "/admin/v1/adapters/legal/versions/1", None),
+    ("POST", "/admin/v1/adapters/broken/versions/1/validate", None),
+    ("PUT", "/admin/v1/adapters/legal/aliases/canary", {"version": 1}),
+    ("DELETE", "/admin/v1/adapters/legal/aliases/stable", None),
+    ("POST", "/admin/v1/adapters/legal/versions/1/pin", None),
+    ("DELETE", "/admin/v1/adapters/legal/versions/1/pin", None),
+    ("POST", "/admin/v1/adapters/legal/versions/1/retire", None),
+    ("DELETE", "/admin/v1/adapters/legal/versions/1", None),
+    ("GET", "/admin/v1/residency", None),
     ("GET", "/admin/v1/engine", None),
+    ("GET", "/admin/v1/tenants", None),
+    ("POST", "/admin/v1/tenants", {"name": "new", "adapters": []}),
+    ("GET", "/admin/v1/tenants/acme", None),
+    ("PATCH", "/admin/v1/tenants/acme", {"adapters": []}),
+    ("POST", "/admin/v1/tenants/acme/rotate-key", {}),
+    ("DELETE", "/admin/v1/tenants/acme", None),
+    ("GET", "/admin/v1/audit", None),
 ]
+
+
+async def _unchanged(gw: Gateway, generation: int) -> None:
+    """A refused admin call changed nothing: same registry, no engine call, still serving."""
+    assert await gw.state.registry.generation() == generation
+    assert gw.engine.load_calls == []
+    assert gw.engine.unload_calls == []
+    assert (await gw.chat(model="legal")).status_code == 200
+
+
+def test_every_admin_route_is_covered(gw: Gateway) -> None:
+    routes = {
+        (method, route.path)  # type: ignore[attr-defined]
+        for route in gw.app.routes
+        if getattr(route, "path", "").startswith("/admin/")
+        for method in getattr(route, "methods", ())
+    }
+    listed = set()
+    for method, path, _ in ROUTES:
+        for route in gw.app.routes:
+            matches = getattr(route, "path_regex", None)
+            if matches is not None and matches.match(path) and method in route.methods:  # type: ignore[attr-defined]
+                listed.add((method, route.path))  # type: ignore[attr-defined]
+    assert routes == listed
 
 
 @pytest.mark.parametrize(("method", "path", "body"), ROUTES)
 async def test_tenant_key_is_403(
     gw: Gateway, method: str, path: str, body: dict[str, Any] | None
 ) -> None:
+    generation = await gw.state.registry.generation()
     resp = await gw.client.request(method, path, json=body, headers=auth(ACME_KEY))
     assert_error(resp, 403, "permission_denied", type_="permission_error")
-    assert gw.state.catalog.is_routable("legal")
+    await _unchanged(gw, generation)
 
 
 @pytest.mark.parametrize(("method", "path", "body"), ROUTES)
-@pytest.mark.parametrize(
-    "headers", [{}, {"Authorization": "Bearer sk-wrong"}, {"Authorization": ADMIN_KEY}]
-)
 async def test_missing_or_wrong_key_is_401(
-    gw: Gateway, method: str, path: str, body: dict[str, Any] | None, headers: dict[str, str]
+    gw: Gateway, method: str, path: str, body: dict[str, Any] | None
 ) -> None:
-    resp = await gw.client.request(method, path, json=body, headers=headers)
-    assert_error(resp, 401, "invalid_api_key")
-    assert gw.state.catalog.is_routable("legal")
+    generation = await gw.state.registry.generation()
+    for headers in ({}, {"Authorization": "Bearer sk-wrong"}, {"Authorization": ADMIN_KEY}):
+        resp = await gw.client.request(method, path, json=body, headers=headers)
+        assert_error(resp, 401, "invalid_api_key")
+    await _unchanged(gw, generation)
 
 
 @pytest.mark.parametrize("raw", [b"{broken", b'{"name": 1}', b"[]"])
@@ -64,201 +104,181 @@ async def test_auth_is_checked_before_the_body(gw: Gateway, raw: bytes) -> None:
     assert_error(resp, 403, "permission_denied")
 
 
-async def test_list_adapters(gw: Gateway, config: Config) -> None:
+async def test_list_adapters(gw: Gateway) -> None:
     resp = await gw.client.get("/admin/v1/adapters", headers=ADMIN)
     assert resp.status_code == 200
     body = resp.json()
     assert body["object"] == "list"
     by_name = {a["name"]: a for a in body["data"]}
     assert list(by_name) == ["broken", "finance", "legal", "medical"]
-    assert by_name["legal"]["state"] == "loaded"
-    assert by_name["legal"]["loaded"] is True
-    assert by_name["legal"]["path"] == str(config.adapter_dirs["legal"])
-    assert isinstance(by_name["legal"]["loaded_at"], float)
-    assert by_name["legal"]["last_error"] is None
-    assert by_name["broken"]["state"] == "failed"
-    assert by_name["broken"]["loaded"] is False
-    assert "bad rank" in by_name["broken"]["last_error"]
+    legal = by_name["legal"]
+    assert legal["aliases"] == {"stable": 1}
+    [v] = legal["versions"]
+    assert v["label"] == "legal@1"
+    assert v["served_name"] == served(gw, "legal")
+    assert v["state"] == "ready"
+    assert v["state_reason"] is None
+    assert v["digest"].startswith("sha256:")
+    assert v["digest"][7:17] in v["served_name"]
+    assert v["base_digest"].startswith("sha256:")
+    assert (v["rank"], v["alpha"], v["target_modules"]) == (4, 8.0, ["q_proj", "v_proj"])
+    assert v["size_bytes"] > 0
+    assert v["source"].endswith("/adapters/legal")  # registered from the adapters file
+    assert v["aliases"] == ["stable"]
+    assert v["registered_on_engine"] is True
+    assert v["in_flight"] == 0
+    assert v["pinned"] is False
+    assert isinstance(v["created_at"], float)
+    broken = by_name["broken"]
+    assert broken["aliases"] == {}
+    [b] = broken["versions"]
+    assert b["state"] == "rejected"
+    assert "bad rank" in b["state_reason"]
+    assert b["registered_on_engine"] is False
 
 
-async def test_load_then_route_then_unload(
-    gw: Gateway, config: Config, caplog: pytest.LogCaptureFixture
-) -> None:
-    path = str(config.adapter_dirs["extra"])
-    # Entitled (acme lists `extra`) but not registered yet.
-    assert_error(await gw.chat(model="extra"), 404, "model_not_found")
-    with caplog.at_level(logging.INFO, logger="loraplex.audit"):
-        resp = await gw.client.post(
-            "/admin/v1/adapters", json={"name": "extra", "path": path}, headers=ADMIN
-        )
-    assert resp.status_code == 201
-    view = resp.json()
-    assert view["name"] == "extra"
-    assert view["path"] == path
-    assert view["state"] == "loaded"
-    assert view["loaded"] is True
-    assert ("extra", path) in gw.engine.load_calls
-    audit = [r for r in caplog.records if r.name == "loraplex.audit"]
-    assert [(r.getMessage(), r.__dict__["result"]) for r in audit] == [("adapter.load", "ok")]
-    assert ADMIN_KEY not in caplog.text
-
-    resp = await gw.chat(model="extra")
+async def test_get_adapter_and_version(gw: Gateway) -> None:
+    resp = await gw.client.get("/admin/v1/adapters/medical", headers=ADMIN)
     assert resp.status_code == 200
-    assert resp.headers["x-loraplex-adapter"] == "extra"
-    models = await gw.client.get("/v1/models", headers=auth(ACME_KEY))
-    assert "extra" in [m["id"] for m in models.json()["data"]]
-
-    # Loading it again is idempotent: no second engine call.
-    calls = len(gw.engine.load_calls)
-    again = await gw.client.post(
-        "/admin/v1/adapters", json={"name": "extra", "path": path}, headers=ADMIN
-    )
-    assert again.status_code == 201
-    assert len(gw.engine.load_calls) == calls
-
-    resp = await gw.client.delete("/admin/v1/adapters/extra", headers=ADMIN)
+    assert resp.json()["name"] == "medical"
+    assert [v["version"] for v in resp.json()["versions"]] == [1]
+    resp = await gw.client.get("/admin/v1/adapters/medical/versions/1", headers=ADMIN)
     assert resp.status_code == 200
-    assert resp.json()["state"] == "unloaded"
-    assert resp.json()["loaded"] is False
-    assert gw.engine.unload_calls == ["extra"]
-    assert_error(await gw.chat(model="extra"), 404, "model_not_found")
-    assert_error(
-        await gw.chat(model="legal", headers={"X-Loraplex-Adapter": "extra"}),
-        404,
-        "model_not_found",
-    )
-    models = await gw.client.get("/v1/models", headers=auth(ACME_KEY))
-    assert "extra" not in [m["id"] for m in models.json()["data"]]
-    metrics = await gw.metrics()
-    assert metric(metrics, "loraplex_adapter_operations_total", adapter="extra") == 2
-    assert (
-        metric(metrics, "loraplex_adapter_operations_total", adapter="extra", result="unloaded")
-        == 1
-    )
+    assert resp.json()["label"] == "medical@1"
+    for path in (
+        "/admin/v1/adapters/nope",
+        "/admin/v1/adapters/medical/versions/2",
+        "/admin/v1/adapters/nope/versions/1",
+    ):
+        assert_error(await gw.client.get(path, headers=ADMIN), 404, "adapter_not_found")
+    resp = await gw.client.get("/admin/v1/adapters/medical/versions/x", headers=ADMIN)
+    assert_error(resp, 400, "invalid_request", param="path.version")
 
 
-async def test_reload_after_unload(gw: Gateway, config: Config) -> None:
-    assert (await gw.client.delete("/admin/v1/adapters/legal", headers=ADMIN)).status_code == 200
-    assert_error(await gw.chat(model="legal"), 404, "model_not_found")
-    resp = await gw.client.post(
-        "/admin/v1/adapters",
-        json={"name": "legal", "path": str(config.adapter_dirs["legal"])},
-        headers=ADMIN,
-    )
-    assert resp.status_code == 201
-    assert (await gw.chat(model="legal")).status_code == 200
-
-
-@pytest.mark.parametrize(
-    ("path_key", "fragment"),
-    [
-        ("empty", "lacks"),
-        ("bin-only", ".bin"),
-        ("missing", "not a directory"),
-        ("relative", "absolute"),
-        ("file", "not a directory"),
-    ],
-)
-async def test_load_bad_path_is_400_invalid_adapter(
-    gw: Gateway, config: Config, path_key: str, fragment: str
-) -> None:
-    paths = {
-        "empty": str(config.adapter_dirs["empty"]),
-        "bin-only": str(config.adapter_dirs["bin-only"]),
-        "missing": str(config.root / "does-not-exist"),
-        "relative": "adapters/extra",
-        "file": str(config.adapter_dirs["extra"] / "adapter_config.json"),
+async def test_residency_view(gw: Gateway) -> None:
+    assert (await gw.chat(model="medical")).status_code == 200  # now the most recently used
+    resp = await gw.client.get("/admin/v1/residency", headers=ADMIN)
+    assert resp.status_code == 200
+    body = resp.json()
+    assert body["budget"] == 8
+    assert body["registered"] == 3
+    slots = body["slots"]
+    assert sorted(s["adapter"] for s in slots) == ["finance@1", "legal@1", "medical@1"]
+    assert slots[-1] == {
+        "adapter": "medical@1",
+        "served_name": served(gw, "medical"),
+        "registered": True,
+        "in_flight": 0,
+        "pinned": False,
     }
-    resp = await gw.client.post(
-        "/admin/v1/adapters", json={"name": "extra", "path": paths[path_key]}, headers=ADMIN
-    )
-    err = assert_error(resp, 400, "invalid_adapter")
-    assert fragment in err["message"]
-    assert gw.engine.load_calls[-1][0] != "extra"
-    assert gw.state.catalog.get("extra") is None
-
-
-async def test_engine_refusal_is_422_and_forgotten(gw: Gateway, config: Config) -> None:
-    gw.engine.refuse("extra", "engine refused the adapter: target modules mismatch")
-    resp = await gw.client.post(
-        "/admin/v1/adapters",
-        json={"name": "extra", "path": str(config.adapter_dirs["extra"])},
-        headers=ADMIN,
-    )
-    err = assert_error(resp, 422, "adapter_load_failed")
-    assert "target modules" in err["message"]
-    listed = await gw.client.get("/admin/v1/adapters", headers=ADMIN)
-    assert "extra" not in [a["name"] for a in listed.json()["data"]]
-    assert_error(await gw.chat(model="extra"), 404, "model_not_found")
-
-
-async def test_engine_down_during_load_is_503(gw: Gateway, config: Config) -> None:
-    gw.engine.load_failures["extra"] = EngineUnavailable("down", retry_after_s=3)
-    resp = await gw.client.post(
-        "/admin/v1/adapters",
-        json={"name": "extra", "path": str(config.adapter_dirs["extra"])},
-        headers=ADMIN,
-    )
-    assert_error(resp, 503, "engine_unavailable")
-    assert resp.headers["retry-after"] == "3"
 
 
 @pytest.mark.parametrize(
     ("body", "param"),
     [
-        ({"name": "bad name", "path": "/x"}, "name"),
-        ({"name": "", "path": "/x"}, "name"),
-        ({"name": "n" * 65, "path": "/x"}, "name"),
-        ({"name": "ok"}, "path"),
-        ({"path": "/x"}, "name"),
-        ({"name": "ok", "path": "/x", "pin": True}, "pin"),
+        ({"name": "bad name", "source": "/x"}, "name"),
+        ({"name": "", "source": "/x"}, "name"),
+        ({"name": "n" * 65, "source": "/x"}, "name"),
+        ({"name": "ok@1", "source": "/x"}, "name"),
+        ({"name": "ok"}, "source"),
+        ({"name": "ok", "source": ""}, "source"),
+        ({"source": "/x"}, "name"),
+        ({"name": "ok", "source": "/x", "alias": "1bad"}, "alias"),
+        ({"name": "ok", "source": "/x", "metadata": []}, "metadata"),
+        ({"name": "ok", "source": "/x", "pin": True}, "pin"),
+        ({"name": "ok", "path": "/x"}, "source"),  # the old body: told what is missing
     ],
 )
-async def test_load_body_validation(gw: Gateway, body: dict[str, Any], param: str) -> None:
+async def test_register_body_validation(gw: Gateway, body: dict[str, Any], param: str) -> None:
     resp = await gw.client.post("/admin/v1/adapters", json=body, headers=ADMIN)
     assert_error(resp, 400, "invalid_request", param=param)
+    assert gw.state.registry.snapshot.versions_of("ok") == []
 
 
 @pytest.mark.parametrize("raw", [b"{broken", b"[]", b"\xff"])
-async def test_load_malformed_body(gw: Gateway, raw: bytes) -> None:
+async def test_register_malformed_body(gw: Gateway, raw: bytes) -> None:
     resp = await gw.client.post(
         "/admin/v1/adapters", content=raw, headers={**ADMIN, "Content-Type": "application/json"}
     )
     assert_error(resp, 400, "invalid_json", param=None)
 
 
-async def test_load_base_model_name_is_409(gw: Gateway, config: Config) -> None:
+@pytest.mark.parametrize(
+    ("source", "status", "code"),
+    [
+        ("adapters/extra", 400, "source_invalid"),
+        ("ftp://host/adapter.tar", 400, "source_invalid"),
+        ("/does/not/exist", 422, "source_not_found"),
+    ],
+)
+async def test_register_bad_source(gw: Gateway, source: str, status: int, code: str) -> None:
     resp = await gw.client.post(
-        "/admin/v1/adapters",
-        json={"name": "base", "path": str(config.adapter_dirs["extra"])},
-        headers=ADMIN,
+        "/admin/v1/adapters", json={"name": "extra", "source": source}, headers=ADMIN
     )
-    assert_error(resp, 409, "adapter_conflict")
+    assert_error(resp, status, code)
+    assert gw.state.registry.snapshot.versions_of("extra") == []
+    assert gw.engine.load_calls == []
 
 
-async def test_load_existing_name_with_other_path_is_409(gw: Gateway, config: Config) -> None:
+@pytest.mark.parametrize(("key", "code"), [("bin-only", "adapter_pickle_refused")])
+async def test_register_refused_files(gw: Gateway, config: Config, key: str, code: str) -> None:
+    source = str(config.adapter_dirs[key])
     resp = await gw.client.post(
-        "/admin/v1/adapters",
-        json={"name": "legal", "path": str(config.adapter_dirs["extra"])},
-        headers=ADMIN,
+        "/admin/v1/adapters", json={"name": "extra", "source": source}, headers=ADMIN
     )
-    assert_error(resp, 409, "adapter_conflict")
-    assert gw.state.catalog.is_routable("legal")
+    assert_error(resp, 422, code)
+    resp = await gw.client.post(
+        "/admin/v1/adapters/validate", json={"source": source}, headers=ADMIN
+    )
+    assert_error(resp, 422, code)
+    assert gw.state.registry.snapshot.versions_of("extra") == []
 
 
-async def test_unload_unknown_is_404(gw: Gateway) -> None:
-    resp = await gw.client.delete("/admin/v1/adapters/nope", headers=ADMIN)
-    err = assert_error(resp, 404, "adapter_not_found")
-    assert "nope" in err["message"]
+async def test_validate_reports_facts_and_stores_nothing(gw: Gateway, config: Config) -> None:
+    generation = await gw.state.registry.generation()
+    source = str(config.adapter_dirs["extra"])
+    resp = await gw.client.post(
+        "/admin/v1/adapters/validate", json={"source": source}, headers=ADMIN
+    )
+    assert resp.status_code == 200
+    body = resp.json()
+    assert body["valid"] is True
+    assert body["digest"].startswith("sha256:")
+    assert (body["rank"], body["alpha"], body["target_modules"]) == (4, 8.0, ["q_proj", "v_proj"])
+    assert body["tensor_count"] == 8
+    assert body["declared_base_digest"].startswith("sha256:")
+    assert await gw.state.registry.generation() == generation
+    assert gw.engine.load_calls == []
+    assert gw.engine.forwarded == []
+
+
+async def test_alias_errors(gw: Gateway) -> None:
+    url = "/admin/v1/adapters/medical/aliases"
+    resp = await gw.client.put(f"{url}/canary", json={"version": 9}, headers=ADMIN)
+    assert_error(resp, 404, "adapter_not_found")
+    resp = await gw.client.put(
+        "/admin/v1/adapters/broken/aliases/stable", json={"version": 1}, headers=ADMIN
+    )
+    assert_error(resp, 409, "invalid_state_transition")
+    resp = await gw.client.put(f"{url}/canary", json={"version": 0}, headers=ADMIN)
+    assert_error(resp, 400, "invalid_request", param="version")
+    resp = await gw.client.delete(f"{url}/canary", headers=ADMIN)
+    assert_error(resp, 404, "adapter_not_found")
+    assert gw.state.registry.snapshot.aliases_of("medical") == {"stable": 1}
+
+
+async def test_unknown_version_actions_are_404(gw: Gateway) -> None:
+    base = "/admin/v1/adapters/medical/versions/7"
+    for method, path in (
+        ("POST", f"{base}/pin"),
+        ("DELETE", f"{base}/pin"),
+        ("POST", f"{base}/retire"),
+        ("DELETE", base),
+        ("POST", f"{base}/validate"),
+    ):
+        resp = await gw.client.request(method, path, headers=ADMIN)
+        assert_error(resp, 404, "adapter_not_found")
     assert gw.engine.unload_calls == []
-
-
-async def test_unload_engine_failure_keeps_adapter_routable(gw: Gateway) -> None:
-    gw.engine.unload_failure = UpstreamError("engine failed to unload the adapter (500)")
-    resp = await gw.client.delete("/admin/v1/adapters/legal", headers=ADMIN)
-    assert_error(resp, 502, "upstream_error")
-    assert gw.state.catalog.is_routable("legal")
-    assert (await gw.chat(model="legal")).status_code == 200
 
 
 async def test_engine_status(gw: Gateway) -> None:
@@ -274,6 +294,7 @@ async def test_engine_status(gw: Gateway) -> None:
     }
     gw.engine.healthy = False
     await gw.wait_ready(503)
+    await gw.wait_gauge("loraplex_engine_up", 0)
     resp = await gw.client.get("/admin/v1/engine", headers=ADMIN)
     assert resp.json()["up"] is False
     assert resp.json()["ready"] is False
@@ -284,7 +305,9 @@ async def test_admin_key_by_digest(config: Config) -> None:
     from tests.unit.fakes import FakeEngine
     from tests.unit.helpers import running_gateway
 
-    settings = config.settings(admin_key=None, admin_key_sha256=hash_key("sk-ops").upper())
+    settings = config.settings(
+        admin_key=None, admin_key_sha256=hash_key("sk-ops").upper(), adapters_file=None
+    )
     async with running_gateway(settings, FakeEngine()) as gw:
         ok = await gw.client.get("/admin/v1/adapters", headers=auth("sk-ops"))
         assert ok.status_code == 200
