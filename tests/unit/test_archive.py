@@ -208,3 +208,17 @@ def test_copy_tree_refuses_dir_links_and_dangling_links(tmp_path: Path) -> None:
     (src / "d").unlink()
     (src / "dangling").symlink_to(tmp_path / "nothing")
     assert code_of(lambda: copy_tree(src, tmp_path / "o2", LIMITS)) == "archive_unsafe"
+
+
+def test_encrypted_zip_member_is_archive_invalid(tmp_path: Path) -> None:
+    archive = tmp_path / "locked.zip"
+    with zipfile.ZipFile(archive, "w") as zf:
+        zf.writestr("adapter_config.json", "{}")
+    raw = bytearray(archive.read_bytes())
+    for magic, offset in ((b"PK\x03\x04", 6), (b"PK\x01\x02", 8)):  # local and central headers
+        at = raw.find(magic) + offset
+        raw[at] |= 0x1  # "encrypted": we never ask for passwords
+    archive.write_bytes(bytes(raw))
+    dest = tmp_path / "out"
+    dest.mkdir()
+    assert code_of(lambda: extract_archive(archive, dest, LIMITS)) == "archive_invalid"
