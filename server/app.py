@@ -220,13 +220,14 @@ async def follow_registry(state: GatewayState) -> None:
         return
     if not changed:
         return
-    routable = {v.served_name: v for v in state.registry.snapshot.versions.values() if v.routable}
+    versions = state.registry.snapshot.versions
     for slot in state.residency.slots():
-        version = routable.get(slot.version.served_name)
-        if version is None:
+        version = versions.get((slot.version.name, slot.version.version))
+        if version is None or version.state in (VersionState.RETIRED, VersionState.REJECTED):
             state.background(state.residency.unregister(slot.version.served_name))
-        else:
+        elif version.routable:
             state.residency.set_pinned(version.served_name, version.pinned)
+        # registered / validated: a registration is running its smoke generation; leave it.
 
 
 def update_gauges(state: GatewayState) -> None:
