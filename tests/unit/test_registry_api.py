@@ -30,7 +30,6 @@ from tests.unit.helpers import (
     metric,
     running_gateway,
     served,
-    version,
     wait_until,
 )
 
