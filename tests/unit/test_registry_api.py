@@ -396,7 +396,7 @@ async def test_every_mutation_is_audited_with_actor_and_before_after(
         ("POST", "/admin/v1/tenants/gamma/rotate-key", {}),
         ("DELETE", "/admin/v1/tenants/gamma", None),
     ]
-    keys = []
+    keys: list[str] = []
     for method, path, body in calls:
         resp = await gw.client.request(method, path, json=body, headers=who)
         assert resp.status_code in (200, 201), (path, resp.text)
