@@ -111,6 +111,7 @@ def gateway(
         # 200 concurrent requests on 2 busy cores can queue in vLLM for minutes.
         "LORAPLEX_ENGINE__READ_TIMEOUT_S": "900",
         "LORAPLEX_ENGINE__REQUEST_TIMEOUT_S": "900",
+        "LORAPLEX_ENGINE__CONNECT_TIMEOUT_S": "30",
         # Fewer registrations than the registry tests use: eviction happens for real.
         "LORAPLEX_REGISTRY__URL": f"sqlite+aiosqlite:///{cfg / 'registry.db'}",
         "LORAPLEX_REGISTRY__CACHE_DIR": str(cfg / "adapter-cache"),
@@ -122,6 +123,9 @@ def gateway(
         "LORAPLEX_REGISTRY__MAX_ADAPTER_BYTES": str(E2E_CAPS.max_adapter_bytes),
         "LORAPLEX_REGISTRY__MAX_EXTRACTED_BYTES": str(E2E_CAPS.max_extracted_bytes),
         "LORAPLEX_REGISTRY__MAX_ARCHIVE_BYTES": str(E2E_CAPS.max_archive_bytes),
+        # model="auto": the default routes; the classifier is fitted at start and saved here.
+        "LORAPLEX_ROUTER__ROUTES_FILE": str(REPO / "router/data/routes.yaml"),
+        "LORAPLEX_ROUTER__ARTEFACT": str(cfg / "router-tfidf.npz"),
     }
     cmd = [
         str(REPO / ".venv/bin/loraplex"),

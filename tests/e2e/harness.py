@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import json
 import os
 import socket
+import sys
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -81,3 +84,13 @@ def free_port() -> int:
         s.bind(("127.0.0.1", 0))
         port: int = s.getsockname()[1]
         return port
+
+
+def report(what: str, **figures: Any) -> None:
+    """Print a measured figure and append it to .cache/logs/e2e-figures.jsonl (for notes/docs)."""
+    line = {"what": what, "at": time.strftime("%Y-%m-%dT%H:%M:%S"), **figures}
+    sys.stderr.write(f"\n[e2e] {json.dumps(line)}\n")
+    out = REPO / ".cache" / "logs" / "e2e-figures.jsonl"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with out.open("a", encoding="utf-8") as f:
+        f.write(json.dumps(line) + "\n")

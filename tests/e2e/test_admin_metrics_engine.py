@@ -4,14 +4,13 @@ from __future__ import annotations
 
 import os
 import signal
-import sys
 import time
 
 import httpx
 import openai
 import pytest
 
-from tests.e2e.harness import EXTRA_ADAPTER, KEYS, Gateway
+from tests.e2e.harness import EXTRA_ADAPTER, KEYS, Gateway, report
 from tests.promtext import metric
 
 QUESTION = "What is the capital of France?"
@@ -147,7 +146,7 @@ def test_engine_crash_gives_503_then_recovers_with_adapters(gateway: Gateway) ->
             assert time.monotonic() - engine_ready < 5, "adapters not back within 5 s"
             time.sleep(0.1)
         served_after = time.monotonic() - engine_ready
-        sys.stderr.write(f"\n[e2e] adapter served {served_after:.2f} s after engine health\n")
+        report("adapter served after engine restart", seconds_after_engine_health=served_after)
         assert served_after < 5
         assert answer.strip().startswith(marker)
         assert admin.get("/admin/v1/engine").json()["starts"] == 2

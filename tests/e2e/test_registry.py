@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import random
-import sys
 import tarfile
 import time
 from pathlib import Path
@@ -15,7 +14,15 @@ import httpx
 import pytest
 
 from tests.adapter_factory import BAD_ADAPTERS, BadCase
-from tests.e2e.harness import ADMIN_KEY, E2E_CAPS, KEYS, MULTI, REGISTRATION_BUDGET, Gateway
+from tests.e2e.harness import (
+    ADMIN_KEY,
+    E2E_CAPS,
+    KEYS,
+    MULTI,
+    REGISTRATION_BUDGET,
+    Gateway,
+    report,
+)
 from tests.promtext import metric
 from tests.servers import static_http
 
@@ -105,10 +112,14 @@ def test_alias_swap_under_load_fails_nothing_and_serves_the_resolved_version(
         assert text.startswith(marker[label].split()[0]), (label, text)
     assert served["swap@1"] > 0
     assert served["swap@2"] > 0
-    sys.stderr.write(
-        f"\n[e2e] alias swap under load: {SWAP_REQUESTS} requests, 0 failed, "
-        f"{served} ; alias move {swap_s * 1000:.1f} ms ; register v1 {v1['_seconds']:.2f} s, "
-        f"v2 {v2['_seconds']:.2f} s\n"
+    report(
+        "alias swap under load",
+        requests=SWAP_REQUESTS,
+        failed=len(failed),
+        served=served,
+        alias_move_ms=round(swap_s * 1000, 1),
+        register_v1_s=round(v1["_seconds"], 2),
+        register_v2_s=round(v2["_seconds"], 2),
     )
 
 
@@ -146,7 +157,7 @@ def test_more_adapters_than_registrations_all_served_and_single_flight(gateway: 
             for n in MULTI
         }
         assert all(v >= 1 for v in loads.values())
-        sys.stderr.write(f"\n[e2e] 6 adapters / budget 3: {evictions:.0f} evictions\n")
+        report("6 adapters over a budget of 3", evictions=evictions, loads=loads)
 
         # N concurrent first requests to an adapter that is not registered: one registration.
         registered = {s["adapter"].split("@")[0] for s in residency["slots"] if s["registered"]}
