@@ -23,6 +23,7 @@ from adapters.errors import (
 CONFIG = "adapter_config.json"
 # init_lora_weights strings vLLM accepts (they only set initial adapter weights).
 PLAIN_INITS = frozenset({"gaussian", "eva", "orthogonal", "mica", "lora_ga"})
+_REPEATED_GROUP = re.compile(r"\)[*+{]")
 
 
 def read_config(path: Path) -> dict[str, Any]:
@@ -63,12 +64,21 @@ def check_config(config: dict[str, Any], *, max_rank: int, supported: frozenset[
     pattern = config.get("rank_pattern") or {}
     if not isinstance(pattern, dict) or not all(_is_positive_int(v) for v in pattern.values()):
         raise AdapterConfigInvalid("rank_pattern must map module patterns to positive integers")
+    for key in pattern:
+        # Keys are regexes run against every module name; a repeated group can backtrack for
+        # hours on a 40-character name, so those (never needed to name modules) are refused.
+        if len(key) > 256 or _REPEATED_GROUP.search(key):
+            raise AdapterConfigInvalid(f"rank_pattern key {key[:60]!r} is too complex")
+    try:
+        compiled = {re.compile(rf"(.*\.)?({key})$"): rank for key, rank in pattern.items()}
+    except re.error as exc:
+        raise AdapterConfigInvalid(f"rank_pattern key is not a regex: {exc}") from None
     highest = max([r, *pattern.values()])
     if highest > max_rank:
         raise AdapterRankTooHigh(
             f"LoRA rank {highest} is above the engine's max LoRA rank {max_rank}"
         )
-    return RankOf(r, pattern)
+    return RankOf(r, compiled)
 
 
 def check_features(config: dict[str, Any]) -> None:
@@ -105,13 +115,10 @@ class RankOf:
     """peft's rank for a module: `rank_pattern`'s first key matching a dotted suffix, else r."""
 
     r: int
-    pattern: dict[str, int]
+    pattern: dict[re.Pattern[str], int]
 
     def __call__(self, module_path: str) -> int:
-        for key, rank in self.pattern.items():
-            try:
-                if re.match(rf"(.*\.)?({key})$", module_path):
-                    return rank
-            except re.error:
-                raise AdapterConfigInvalid(f"rank_pattern key {key!r} is not a regex") from None
+        for regex, rank in self.pattern.items():
+            if regex.match(module_path):
+                return rank
         return self.r

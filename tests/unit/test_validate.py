@@ -151,6 +151,8 @@ def test_gqa_and_mlp_shapes(tmp_path: Path, base: BaseModelInfo) -> None:
         ({"lora_alpha": "8"}, "adapter_config_invalid"),
         ({"target_modules": 3}, "adapter_config_invalid"),
         ({"rank_pattern": {"q_proj": -1}}, "adapter_config_invalid"),
+        ({"rank_pattern": {"(a+)+$": 4}}, "adapter_config_invalid"),
+        ({"rank_pattern": {"[": 4}}, "adapter_config_invalid"),
         ({"use_dora": True}, "adapter_feature_unsupported"),
         ({"bias": "all"}, "adapter_feature_unsupported"),
         ({"lora_bias": True}, "adapter_feature_unsupported"),
