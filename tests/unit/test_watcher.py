@@ -153,11 +153,13 @@ async def test_restart_adopts_what_the_engine_still_serves(
 
 
 async def test_shutdown_is_prompt_when_reconcile_was_just_requested(
-    config: Config, engine: FakeEngine
+    config: Config, engine: FakeEngine, bootstrapped: Bootstrapped
 ) -> None:
     """Regression: wait_for() on 3.11 swallowed the watcher's cancel when it raced with the
     reconcile event, and the lifespan exit then waited forever for the watcher."""
-    settings = config.settings(engine={"health_interval_s": 30.0})
+    shutil.copyfile(bootstrapped.db, config.root / "registry.db")  # quick starts
+    engine.served |= bootstrapped.served
+    settings = config.settings(engine={"health_interval_s": 30.0}, adapters_file=None)
 
     async def cycle() -> None:
         async with running_gateway(settings, engine) as gw:
@@ -166,7 +168,7 @@ async def test_shutdown_is_prompt_when_reconcile_was_just_requested(
 
     for _ in range(5):
         task = asyncio.create_task(cycle())
-        done, _ = await asyncio.wait({task}, timeout=2)
+        done, _ = await asyncio.wait({task}, timeout=10)  # a hang, not a slow machine
         assert task in done, "lifespan shutdown hung"
         task.result()
         assert engine.closed
