@@ -15,6 +15,7 @@ QUESTIONS = {
     "legal": "My landlord kept my deposit. What are my options?",
     "finance": "Should I pay off debt or invest my savings?",
     "code": "How do I reverse a list in Python?",
+    "general": "Write a haiku about rain.",
 }
 GENERIC = "What is the capital of France?"
 
@@ -52,6 +53,11 @@ def main() -> None:
             print(chunk.choices[0].delta.content, end="", flush=True)
     print()
 
+    print("\n== Domain routing: model='auto' classifies the question and picks the adapter")
+    print("   (code and general have no adapter: the fallback, the base model, answers them)")
+    for domain in ("medical", "legal", "finance", "code", "general"):
+        ask(acme, "auto", QUESTIONS[domain], {})
+
     print("\n== Entitlement: the medical team asks for another team's adapter")
     try:
         ask(client(f"sk-demo-{adapters[0]}"), adapters[-1], GENERIC, {})
@@ -78,7 +84,11 @@ def ask(c: openai.OpenAI, model: str, question: str, headers: dict[str, str]) ->
     answer = raw.parse().choices[0].message.content or ""
     adapter = raw.headers.get("x-loraplex-adapter")
     ms = (time.perf_counter() - started) * 1000
-    print(f"  [{adapter:>8}] {ms:6.0f} ms  Q: {question}\n             A: {answer.strip()[:140]!r}")
+    routed = ""
+    if domain := raw.headers.get("x-loraplex-domain"):
+        routed = f"  (domain {domain}, confidence {raw.headers.get('x-loraplex-confidence')})"
+    print(f"  [{adapter:>8}] {ms:6.0f} ms  Q: {question}{routed}")
+    print(f"             A: {answer.strip()[:140]!r}")
 
 
 if __name__ == "__main__":

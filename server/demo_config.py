@@ -12,6 +12,7 @@ from typing import Any
 
 import yaml
 
+from router.policy import DEFAULT_ROUTES
 from server.auth import hash_key
 
 DEMO_ADMIN_KEY = "sk-demo-admin"
@@ -54,3 +55,19 @@ def write_demo_config(manifest_path: Path, out: Path) -> list[Path]:
     adapters_file = out / "adapters.yaml"
     adapters_file.write_text(yaml.safe_dump({"adapters": adapters}), encoding="utf-8")
     return [tenants_file, adapters_file]
+
+
+def write_demo_routes(out: Path) -> Path:
+    """The default routes (router/data/routes.yaml) for the demo, where tenant `acme` is routed
+    automatically: its requests that name no model go through the domain router."""
+    routes = yaml.safe_load(DEFAULT_ROUTES.read_text(encoding="utf-8"))
+    routes["examples_files"] = [str(DEFAULT_ROUTES.parent / f) for f in routes["examples_files"]]
+    routes["tenants"] = {"acme": {"auto": True}}
+    path = out / "routes.yaml"
+    out.mkdir(parents=True, exist_ok=True)
+    path.write_text(
+        "# Demo routes: the default routes file plus tenant overrides (docs/router.md).\n"
+        + yaml.safe_dump(routes, sort_keys=False),
+        encoding="utf-8",
+    )
+    return path

@@ -66,9 +66,9 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.demo_command == "prepare":
         return _prepare(args.cache_dir, args.tools_python)
-    from server.demo_config import write_demo_config
+    from server.demo_config import write_demo_config, write_demo_routes
 
-    for path in write_demo_config(args.manifest, args.out):
+    for path in [*write_demo_config(args.manifest, args.out), write_demo_routes(args.out)]:
         print(path)
     return 0
 

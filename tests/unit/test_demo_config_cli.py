@@ -86,7 +86,7 @@ def test_cli_demo_config(
     out = tmp_path / "cfg"
     assert main(["demo", "config", "--manifest", str(manifest), "--out", str(out)]) == 0
     printed = capsys.readouterr().out.split()
-    assert printed == [str(out / "tenants.yaml"), str(out / "adapters.yaml")]
+    assert printed == [str(out / n) for n in ("tenants.yaml", "adapters.yaml", "routes.yaml")]
     assert all(Path(p).is_file() for p in printed)
 
 
