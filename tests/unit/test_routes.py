@@ -55,6 +55,9 @@ async def test_metrics_exposition(config: Config, engine: FakeEngine) -> None:
     """A gateway started from an empty registry: the bootstrap registrations show up."""
     async with running_gateway(config.settings(), engine) as gw:
         await gw.chat()
+        # Gauges are set at the end of a watcher round: wait for the round after readiness.
+        await gw.wait_gauge("loraplex_adapters_resident", 3)
+        await gw.wait_gauge("loraplex_adapter_versions", 3, state="ready")
         resp = await gw.client.get("/metrics")
         assert resp.status_code == 200
         assert resp.headers["content-type"].startswith("text/plain")
