@@ -3,7 +3,8 @@
   passthrough-httpx      through a minimal Starlette + httpx.AsyncClient proxy,
   passthrough-aiohttp    through the same proxy on an aiohttp.ClientSession,
   loraplex               through the gateway (auth, tenant entitlement, adapter selection,
-                         request ids, metrics, access log),
+                         residency lease, request ids, metrics, access log),
+  loraplex-auto          the same gateway with `model="auto"`: + domain routing (TF-IDF),
   litellm                through LiteLLM's proxy (own venv, installed on first use),
 at several concurrencies plus a saturation level. Prints latency p50/p99 and what each adds to
 `direct`, RPS, saturation RPS, the ratios loraplex/passthrough and loraplex/LiteLLM, and for
@@ -44,7 +45,15 @@ from loadtest.driver import LevelRun, run_closed
 from loadtest.stats import percentile
 from loadtest.workload import RequestSpec
 
-TARGETS = ("direct", "passthrough-httpx", "passthrough-aiohttp", "loraplex", "litellm")
+TARGETS = (
+    "direct",
+    "passthrough-httpx",
+    "passthrough-aiohttp",
+    "loraplex",
+    "loraplex-auto",
+    "litellm",
+)
+GATEWAYS = ("loraplex", "loraplex-auto")
 MODEL = "bench"
 
 
@@ -92,12 +101,12 @@ def start_targets(f: Fleet, workdir: Path, targets: list[str]) -> dict[str, str]
             cmd = [PY, "-m", "loadtest.bench.passthrough", "--port", str(port)]
             f.start(name, [*cmd, "--upstream", upstream, "--client", client])
             urls[name] = f"http://127.0.0.1:{port}"
-    if "loraplex" in targets:
+    if "loraplex" in targets or "loraplex-auto" in targets:
         port = free_port()
         args, env = gateway_config(workdir / "gw", {MODEL: fake_adapter_dir(workdir)})
         env |= {"LORAPLEX_ENGINE__URL": upstream, "LORAPLEX_LOG_LEVEL": "info"}
         f.start("loraplex", gateway_cmd(port, args), env)
-        urls["loraplex"] = f"http://127.0.0.1:{port}"
+        urls["loraplex"] = urls["loraplex-auto"] = f"http://127.0.0.1:{port}"
     if "litellm" in targets:
         port = free_port()
         litellm_proxy.write_config(workdir / "litellm.yaml", upstream, MODEL)
@@ -106,7 +115,7 @@ def start_targets(f: Fleet, workdir: Path, targets: list[str]) -> dict[str, str]
         urls["litellm"] = f"http://127.0.0.1:{port}"
     for name, url in urls.items():
         probe = {"loraplex": "/readyz", "litellm": "/health/liveliness"}.get(name, "/v1/models")
-        if name != "direct":
+        if name not in ("direct", "loraplex-auto"):
             f.ready(name, url + probe, timeout_s=180 if name == "litellm" else 60)
     return {t: urls[t] for t in targets}
 
@@ -176,19 +185,20 @@ def report(results: list[Result], stream: bool) -> str:
     sat = {t: max(by[(t, c)].rps for c in levels) for t in names}
     out += ["", "| target | saturation RPS (best of c=" + ",".join(map(str, levels)) + ") |"]
     out += ["|---|---|"] + [f"| {t} | {sat[t]:.0f} |" for t in names]
-    out += ["", "| loraplex vs | c | RPS ratio | added p50 ratio | added p99 ratio |"]
+    out += ["", "| ratio | c | RPS ratio | added p50 ratio | added p99 ratio |"]
     out += ["|---|---|---|---|---|"]
-    for base in ("passthrough-aiohttp", "passthrough-httpx", "litellm"):
-        if base not in names or "loraplex" not in names:
-            continue
-        for c in levels:
-            lp, b, d = by[("loraplex", c)], by[(base, c)], by[("direct", c)]
-            out.append(
-                f"| {base} | {c} | {lp.rps / b.rps:.2f} | "
-                f"{_ratio(lp.p50_ms - d.p50_ms, b.p50_ms - d.p50_ms)} | "
-                f"{_ratio(lp.p99_ms - d.p99_ms, b.p99_ms - d.p99_ms)} |"
-            )
-        out.append(f"| {base} | saturation | {sat['loraplex'] / sat[base]:.2f} | | |")
+    for gw in (g for g in GATEWAYS if g in names):
+        for base in ("passthrough-aiohttp", "passthrough-httpx", "litellm"):
+            if base not in names:
+                continue
+            for c in levels:
+                lp, b, d = by[(gw, c)], by[(base, c)], by[("direct", c)]
+                out.append(
+                    f"| {gw} / {base} | {c} | {lp.rps / b.rps:.2f} | "
+                    f"{_ratio(lp.p50_ms - d.p50_ms, b.p50_ms - d.p50_ms)} | "
+                    f"{_ratio(lp.p99_ms - d.p99_ms, b.p99_ms - d.p99_ms)} |"
+                )
+            out.append(f"| {gw} / {base} | saturation | {sat[gw] / sat[base]:.2f} | | |")
     if stream:
         out += [
             "",
@@ -219,7 +229,6 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--seconds", type=float, default=5.0)
     ap.add_argument("--stream", action="store_true")
     ap.add_argument("--skip", nargs="*", default=[], choices=TARGETS[1:])
-    ap.add_argument("--model", default=MODEL, help='"auto" sends loraplex through the router')
     ap.add_argument("--json", type=Path, help="also write the results as JSON")
     args = ap.parse_args(argv)
     targets = [t for t in TARGETS if t not in args.skip]
@@ -229,8 +238,8 @@ def main(argv: list[str] | None = None) -> None:
         urls = start_targets(f, Path(tmp), targets)
         for c in levels:
             for name, url in urls.items():
-                model = args.model if name == "loraplex" else MODEL
-                pid = f.procs[name].pid
+                model = "auto" if name == "loraplex-auto" else MODEL
+                pid = f.procs["loraplex" if name == "loraplex-auto" else name].pid
                 run, sent, cpu = asyncio.run(
                     measure(url, urls["direct"], c, args.seconds, args.stream, model, pid)
                 )

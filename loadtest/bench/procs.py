@@ -53,13 +53,29 @@ def cpu_seconds(pid: int) -> float | None:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
+ROUTES = """version: 1
+fallback: base
+threshold: 0.3
+domains:
+  {adapter}:
+    target: {adapter}
+    keywords: [hi, hello, greeting*]
+    examples: ["hi", "hello there", "hi, how are you?", "greetings to you"]
+  general:
+    target: base
+    keywords: [weather, recipe*, joke*]
+    examples: ["what is the weather like", "give me a recipe", "tell me a joke"]
+"""
+
+
 def gateway_config(
     workdir: Path, adapters: dict[str, str], key: str = BENCH_KEY, base_dir: str | None = None
 ) -> tuple[list[str], dict[str, str]]:
-    """Tenants/adapters files for one bench tenant entitled to `adapters` (+ base), and the
+    """Tenants/adapters files for one bench tenant entitled to `adapters` (+ base), the
     registry settings (private database and cache, the base model adapters are checked
-    against); returns `loraplex serve` arguments and environment. The only adapter-setup code
-    of the benchmarks: adapt it here when the adapter configuration changes."""
+    against) and `model="auto"` routing (TF-IDF classifier; "hi" routes to the first adapter);
+    returns `loraplex serve` arguments and environment. The only adapter-setup code of the
+    benchmarks: adapt it here when the adapter configuration changes."""
     workdir.mkdir(parents=True, exist_ok=True)
     names = [*adapters, "base"]
     tenant = {"key_sha256": hash_key(key), "adapters": names, "default": names[0]}
@@ -72,7 +88,10 @@ def gateway_config(
         "LORAPLEX_REGISTRY__CACHE_DIR": str(workdir / "adapter-cache"),
         "LORAPLEX_REGISTRY__BASE_MODEL_DIR": base_dir or fake_base_dir(workdir),
         "LORAPLEX_REGISTRY__ALLOW_UNKNOWN_BASE": "true",
+        "LORAPLEX_ROUTER__ROUTES_FILE": str(workdir / "routes.yaml"),
+        "LORAPLEX_ROUTER__CLASSIFIER": "tfidf",
     }
+    (workdir / "routes.yaml").write_text(ROUTES.format(adapter=next(iter(adapters))))
     return args, env
 
 

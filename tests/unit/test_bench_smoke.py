@@ -44,15 +44,17 @@ def test_overhead_benchmark_runs_and_reports_ratios(stream: bool) -> None:
         "passthrough-httpx",
         "passthrough-aiohttp",
         "loraplex",
+        "loraplex-auto",
     }
     assert all(r[7] == "0" for r in rows), rows  # errors
     assert all(r[8] != "-" for r in rows), rows  # CPU per request measured
-    assert "| passthrough-aiohttp | 2 |" in out.split("| loraplex vs |")[1]
+    assert "| loraplex / passthrough-aiohttp | 2 |" in out
+    assert "| loraplex-auto / passthrough-aiohttp | saturation |" in out
     if stream:
         fidelity = table(out, "| target | c | events sent")
-        assert len(fidelity) == 4
+        assert len(fidelity) == 5
         for r in fidelity:
             assert int(r[2]) > 0
             assert r[2] == r[3], r  # every event the upstream sent was received
-            if r[0] in ("direct", "loraplex"):
+            if r[0] in ("direct", "loraplex", "loraplex-auto"):
                 assert float(r[4]) >= 0.9  # one HTTP chunk per event
