@@ -37,12 +37,5 @@ class LinearHead:
         out: FloatArray = e / e.sum()
         return out
 
-    def sparse_probabilities(self, index: list[int], weights: list[float]) -> FloatArray:
-        """Class probabilities of a sparse feature vector (column indices and values)."""
-        if not index:
-            return self.probabilities(self.intercept.copy())
-        logits = np.asarray(weights, dtype=np.float64) @ self.coef[index] + self.intercept
-        return self.probabilities(logits)
-
     def dense_probabilities(self, x: FloatArray) -> FloatArray:
         return self.probabilities(x @ self.coef + self.intercept)

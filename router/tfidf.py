@@ -12,8 +12,7 @@ from __future__ import annotations
 import json
 import math
 import re
-from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -66,35 +65,21 @@ def char_wb_candidates(text: str, lo: int, hi: int) -> list[str]:
 
 @dataclass
 class TfidfBlock:
-    """One fitted vectorizer: vocabulary (term → global column), idf, n-gram range."""
+    """One fitted vectorizer: analyzer, n-gram range, vocabulary (term → global column)."""
 
     analyzer: str  # "word" | "char_wb"
     ngram_range: tuple[int, int]
     vocab: dict[str, int]
-    idf: dict[int, float] = field(default_factory=dict)
     stop_words: frozenset[str] = frozenset()
 
-    def features(self, text: str, index: list[int], weights: list[float]) -> None:
-        """Append this block's sublinear tf times idf features, l2-normalised, for `text`."""
+    def columns(self, text: str) -> list[int]:
+        """The vocabulary column of every n-gram of `text` that has one (repeats kept)."""
         lo, hi = self.ngram_range
         if self.analyzer == "word":
             grams = word_ngrams(text, lo, hi, self.stop_words)
         else:
             grams = char_wb_candidates(text, lo, hi)
-        vocab = self.vocab
-        idf = self.idf
-        cols: list[int] = []
-        vals: list[float] = []
-        for gram, count in Counter(grams).items():  # C-speed counting, one lookup per gram
-            col = vocab.get(gram)
-            if col is not None:
-                cols.append(col)
-                vals.append((1.0 + math.log(count)) * idf[col] if count > 1 else idf[col])
-        if not cols:
-            return
-        norm = math.sqrt(math.fsum(v * v for v in vals))
-        index.extend(cols)
-        weights.extend(v / norm for v in vals)
+        return [c for c in map(self.vocab.get, grams) if c is not None]
 
 
 class TfidfClassifier:
@@ -103,8 +88,11 @@ class TfidfClassifier:
     name = "tfidf"
     blocking = False
 
-    def __init__(self, blocks: list[TfidfBlock], head: LinearHead, meta: dict[str, Any]) -> None:
+    def __init__(
+        self, blocks: list[TfidfBlock], idf: FloatArray, head: LinearHead, meta: dict[str, Any]
+    ) -> None:
         self.blocks = blocks
+        self.idf = idf
         self.head = head
         self.meta = meta
 
@@ -117,12 +105,19 @@ class TfidfClassifier:
         return str(self.meta.get("fingerprint", ""))
 
     def probabilities(self, text: str) -> FloatArray:
+        """Per block: sublinear tf times idf over the n-grams found, l2-normalised (as
+        scikit-learn's TfidfVectorizer), then one gather-and-dot with the weights."""
         text = text.lower()
-        index: list[int] = []
-        weights: list[float] = []
+        logits = self.head.intercept.copy()
         for block in self.blocks:
-            block.features(text, index, weights)
-        return self.head.sparse_probabilities(index, weights)
+            cols = block.columns(text)
+            if not cols:
+                continue
+            index, counts = np.unique(np.array(cols), return_counts=True)
+            w = (1.0 + np.log(counts)) * self.idf[index]
+            w /= math.sqrt(float(w @ w))
+            logits += w @ self.head.coef[index]
+        return self.head.probabilities(logits)
 
     def classify(self, text: str) -> Prediction:
         probs = self.probabilities(text)
@@ -137,9 +132,9 @@ class TfidfClassifier:
             terms = sorted(b.vocab, key=b.vocab.__getitem__)
             arrays[f"vocab{i}"] = np.array(terms, dtype=np.str_)
             arrays[f"cols{i}"] = np.array([b.vocab[t] for t in terms], dtype=np.int64)
-            arrays[f"idf{i}"] = np.array([b.idf[b.vocab[t]] for t in terms], dtype=np.float64)
             spec = {"analyzer": b.analyzer, "ngram_range": list(b.ngram_range)}
             header["blocks"].append(dict(spec, stop_words=sorted(b.stop_words)))
+        arrays["idf"] = self.idf
         arrays["coef"] = self.head.coef
         arrays["intercept"] = self.head.intercept
         arrays["header"] = np.array(json.dumps(header))
@@ -158,10 +153,10 @@ class TfidfClassifier:
             for i, spec in enumerate(header.pop("blocks")):
                 cols = data[f"cols{i}"].tolist()
                 vocab = dict(zip(data[f"vocab{i}"].tolist(), cols, strict=True))
-                idf = dict(zip(cols, data[f"idf{i}"].tolist(), strict=True))
                 lo, hi = spec["ngram_range"]
                 stop = frozenset(spec.get("stop_words", ()))
-                blocks.append(TfidfBlock(spec["analyzer"], (lo, hi), vocab, idf, stop))
+                blocks.append(TfidfBlock(spec["analyzer"], (lo, hi), vocab, stop))
             head = LinearHead(tuple(header.pop("domains")), data["coef"], data["intercept"])
+            idf = np.asarray(data["idf"], dtype=np.float64)
         header.pop("format")
-        return cls(blocks, head, header)
+        return cls(blocks, idf, head, header)

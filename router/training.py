@@ -97,10 +97,10 @@ def fit_tfidf(examples: Sequence[Example], params: TfidfParams | None = None) ->
     specs = ((word, "word", params.word_ngrams), (char, "char_wb", params.char_ngrams))
     for vec, analyzer, rng in specs:
         vocab = {term: offset + int(col) for term, col in vec.vocabulary_.items()}
-        idf = {offset + i: float(v) for i, v in enumerate(vec.idf_)}
         stop = frozenset(vec.get_stop_words() or ())
-        blocks.append(TfidfBlock(analyzer, rng, vocab, idf, stop))
+        blocks.append(TfidfBlock(analyzer, rng, vocab, stop))
         offset += len(vec.idf_)
+    idf = np.concatenate([word.idf_, char.idf_]).astype(np.float64)
     head = LinearHead.from_sklearn(domains, model.coef_, model.intercept_)
     meta = {
         "classifier": "tfidf",
@@ -108,7 +108,7 @@ def fit_tfidf(examples: Sequence[Example], params: TfidfParams | None = None) ->
         "fingerprint": fingerprint(examples, asdict(params)),
         "examples": len(examples),
     }
-    return TfidfClassifier(blocks, head, meta)
+    return TfidfClassifier(blocks, idf, head, meta)
 
 
 def fit_head(x: FloatArray, labels: Sequence[str], c: float) -> LinearHead:
