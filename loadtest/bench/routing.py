@@ -4,14 +4,17 @@ latency with auto routing on vs off, as a ratio, in one run (docs/benchmarks.md,
 1. Classify: every held-out prompt (router/data/test.jsonl) `--rounds` times through the
    default TF-IDF classifier (and the keyword baseline), in process; p50/p99 per call, plus
    p99 for inputs cut at the default `max_chars` (1000).
-2. Gateway: a fake upstream, and one `loraplex serve` with the default routes, tenant entitled
+2. Gateway CPU (in process, `loadtest.bench.inproc`'s memory engine, no sockets): process CPU
+   time per request, best of `--repeat`, naming the model vs model="auto" — steady on a busy
+   machine, where wall-clock tails are not.
+3. Gateway: a fake upstream, and one `loraplex serve` with the default routes, tenant entitled
    to fake `medical`/`legal`/`finance` adapters and `base`. Sequential requests (c=1) cycle
    through the held-out prompts; each round sends the same prompt three ways: straight to the
    upstream, to the gateway naming the model the router would choose (auto off: nothing is
    classified), and to the gateway with model="auto" (auto on). Added latency = gateway p50
    minus upstream p50; the ratio compares on with off.
 
-    python -m loadtest.bench.routing [--requests 1500] [--rounds 20]
+    python -m loadtest.bench.routing [--requests 1500] [--rounds 20] [--repeat 5]
 """
 
 from __future__ import annotations
@@ -25,7 +28,9 @@ import time
 from pathlib import Path
 
 import httpx
+import orjson
 
+from loadtest.bench.inproc import MemoryEngine, one
 from loadtest.bench.procs import (
     BENCH_KEY,
     PY,
@@ -38,6 +43,8 @@ from loadtest.bench.procs import (
 from router.domain_router import DomainRouter, build_classifier
 from router.keyword import KeywordClassifier
 from router.policy import DEFAULT_ROUTES, RoutesPolicy, load_routes, read_examples
+from server.app import create_app
+from server.settings import Settings
 
 DOMAIN_ADAPTERS = ("medical", "legal", "finance")
 
@@ -47,17 +54,21 @@ def percentile(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, max(0, round(q / 100 * len(ordered) + 0.5) - 1))]
 
 
-def time_classify(router: DomainRouter, texts: list[str], rounds: int) -> list[float]:
-    """Seconds per classify + policy decision, every text `rounds` times (after a warm-up)."""
+def time_classify(
+    router: DomainRouter, texts: list[str], rounds: int
+) -> tuple[list[float], list[float]]:
+    """Wall and thread-CPU seconds per classify + policy decision, every text `rounds` times
+    (after a warm-up). CPU time excludes the time the thread waited for a core."""
     for t in texts:
         router.route(t)
-    out = []
+    wall, cpu = [], []
     for _ in range(rounds):
         for t in texts:
-            started = time.perf_counter()
+            c0, w0 = time.thread_time(), time.perf_counter()
             router.route(t)
-            out.append(time.perf_counter() - started)
-    return out
+            wall.append(time.perf_counter() - w0)
+            cpu.append(time.thread_time() - c0)
+    return wall, cpu
 
 
 def classify_report(policy: RoutesPolicy, texts: list[str], rounds: int, artefact: Path) -> str:
@@ -70,12 +81,66 @@ def classify_report(policy: RoutesPolicy, texts: list[str], rounds: int, artefac
         ("tfidf (default), 1000-char inputs", tfidf, long_texts),
         ("keyword, held-out prompts", keyword, texts),
     ):
-        lat = time_classify(router, sample, rounds)
+        wall, cpu = time_classify(router, sample, rounds)
         lines.append(
-            f"  {name:<36} p50 {percentile(lat, 50) * 1e6:7.1f}   "
-            f"p99 {percentile(lat, 99) * 1e6:7.1f}   n={len(lat)}"
+            f"  {name:<36} wall p50 {percentile(wall, 50) * 1e6:7.1f} p99 "
+            f"{percentile(wall, 99) * 1e6:8.1f} | cpu p50 {percentile(cpu, 50) * 1e6:7.1f} p99 "
+            f"{percentile(cpu, 99) * 1e6:7.1f}   n={len(wall)}"
         )
     return "\n".join(lines)
+
+
+async def inproc_report(texts: list[str], chosen: list[str], repeat: int, workdir: Path) -> str:
+    """Gateway CPU per request in process: explicit model vs model="auto", same prompts."""
+    adapters = {n: fake_adapter_dir(workdir, n) for n in DOMAIN_ADAPTERS}
+    args, env = gateway_config(workdir / "inproc", adapters)
+    settings = Settings.model_validate(
+        {
+            "tenants_file": args[1],
+            "adapters_file": args[3],
+            "registry": {
+                "url": env["LORAPLEX_REGISTRY__URL"],
+                "cache_dir": env["LORAPLEX_REGISTRY__CACHE_DIR"],
+                "base_model_dir": env["LORAPLEX_REGISTRY__BASE_MODEL_DIR"],
+                "allow_unknown_base": True,
+            },
+            "router": {"routes_file": DEFAULT_ROUTES, "artefact": workdir / "tfidf.npz"},
+        }
+    )
+    app = create_app(settings, engine_factory=lambda _: MemoryEngine(16))
+
+    def request(model: str, text: str) -> tuple[bytes, list[tuple[bytes, bytes]]]:
+        body = orjson.dumps({"model": model, "messages": [{"role": "user", "content": text}]})
+        headers = [
+            (b"authorization", f"Bearer {BENCH_KEY}".encode()),
+            (b"content-type", b"application/json"),
+            (b"content-length", str(len(body)).encode()),
+        ]
+        return body, headers
+
+    off = [request(m, t) for m, t in zip(chosen, texts, strict=True)]
+    on = [request("auto", t) for t in texts]
+    best: dict[str, float] = {}
+    async with app.router.lifespan_context(app):
+        for _ in range(200):
+            if app.state.loraplex.ready:
+                break
+            await asyncio.sleep(0.05)
+        for body, headers in off + on:  # warm up (and load the classifier)
+            await one(app, body, headers)
+        for _ in range(repeat):
+            for name, reqs in (("auto off", off), ("auto on", on)):
+                t0 = time.process_time()
+                for _ in range(5):
+                    for body, headers in reqs:
+                        await one(app, body, headers)
+                per = (time.process_time() - t0) / (5 * len(reqs))
+                best[name] = min(best.get(name, per), per)
+    return (
+        f"gateway CPU per request (in process, best of {repeat} x {5 * len(texts)}): "
+        f"auto off {best['auto off'] * 1e6:.0f} µs, auto on {best['auto on'] * 1e6:.0f} µs; "
+        f"ratio on/off {best['auto on'] / best['auto off']:.2f}"
+    )
 
 
 async def gateway_report(texts: list[str], chosen: list[str], requests: int, workdir: Path) -> str:
@@ -144,6 +209,7 @@ def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--requests", type=int, default=1500, help="per target (after warm-up)")
     ap.add_argument("--rounds", type=int, default=20, help="classify passes over the prompts")
+    ap.add_argument("--repeat", type=int, default=5, help="in-process CPU measurement repeats")
     args = ap.parse_args(argv)
     policy = load_routes()
     texts = [e.text for e in read_examples(DEFAULT_ROUTES.parent / "test.jsonl")]
@@ -153,6 +219,7 @@ def main(argv: list[str] | None = None) -> None:
         router = DomainRouter(policy, build_classifier(policy, "tfidf", artefact))
         chosen = [router.route(t).target for t in texts]
         print(json.dumps({"targets": {t: chosen.count(t) for t in sorted(set(chosen))}}))
+        print(asyncio.run(inproc_report(texts, chosen, args.repeat, Path(tmp))))
         print(asyncio.run(gateway_report(texts, chosen, args.requests, Path(tmp))))
 
 
