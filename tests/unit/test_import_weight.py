@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]
-HEAVY = ("torch", "peft", "transformers", "vllm")
+HEAVY = ("torch", "peft", "transformers", "vllm", "sklearn", "scipy", "matplotlib")
 
 PROBE = """
 import json, sys, time
