@@ -54,6 +54,7 @@ def combine(plan: MergePlan, base_config: Path, out: Path) -> dict[str, Any]:
         MERGED,
         combination_type=plan.combination,
         svd_rank=plan.svd_rank,
+        svd_full_matrices=False,  # only the top singular vectors are kept; same result, faster
     )
     dtypes = {t.dtype for i in plan.inputs for t in load_file(str(i.path / WEIGHTS)).values()}
     dtype = dtypes.pop() if len(dtypes) == 1 else torch.float32
