@@ -45,13 +45,18 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     router = DomainRouter(policy, build_classifier(policy, kind, args.artefact))
     report = evaluate(router, data, label_map)
-    png = args.png or args.data.with_name(f"{args.data.stem}.{kind}.confusion.png")
-    save_confusion_png(report, png)
+    target: Path = args.png or args.data.with_name(f"{args.data.stem}.{kind}.confusion.png")
+    png: Path | None = target
+    try:
+        save_confusion_png(report, target)
+    except OSError as exc:  # e.g. a read-only data directory: the numbers still count
+        print(f"loraplex route: confusion matrix image not saved: {exc}", file=sys.stderr)
+        png = None
     if args.json:
-        print(json.dumps(dict(report.to_dict(), confusion_png=str(png)), indent=2))
+        print(json.dumps(dict(report.to_dict(), confusion_png=png and str(png)), indent=2))
     else:
         print(format_report(report))
-        print(f"\nconfusion matrix image: {png}")
+        print(f"\nconfusion matrix image: {png or 'not saved'}")
     return 0
 
 

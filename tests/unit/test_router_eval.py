@@ -164,3 +164,19 @@ def test_cli_errors_are_reported_not_raised(
 ) -> None:
     assert loraplex(["route", "eval", "--data", str(tmp_path / "missing.jsonl")]) == 2
     assert "missing.jsonl" in capsys.readouterr().err
+
+
+def test_cli_eval_reports_even_when_the_png_cannot_be_written(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    data = tmp_path / "d.jsonl"
+    data.write_text('{"text": "my lawyer filed the appeal", "label": "legal"}\n')
+    blocker = tmp_path / "not-a-dir"
+    blocker.write_text("")
+    argv = ["route", "eval", "--data", str(data), "--classifier", "keyword", "--json"]
+    assert loraplex([*argv, "--png", str(blocker / "cm.png")]) == 0
+    captured = capsys.readouterr()
+    report = json.loads(captured.out)
+    assert report["accuracy"] == 1.0
+    assert report["confusion_png"] is None
+    assert "not saved" in captured.err
