@@ -87,7 +87,7 @@ class RouterSettings(BaseModel):
     # thread at start-up) and saved here. None: fit at every start-up (a few seconds).
     artefact: Path | None = None
     classify_input: Literal["last_user", "conversation", "system_last_user"] = "last_user"
-    max_chars: int = Field(1000, ge=16)
+    max_chars: int = Field(500, ge=16)
 
 
 class Settings(BaseSettings):

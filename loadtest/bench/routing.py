@@ -3,7 +3,7 @@ latency with auto routing on vs off, as a ratio, in one run (docs/benchmarks.md,
 
 1. Classify: every held-out prompt (router/data/test.jsonl) `--rounds` times through the
    default TF-IDF classifier (and the keyword baseline), in process; p50/p99 per call, plus
-   p99 for inputs cut at the default `max_chars` (1000).
+   inputs cut at the default `max_chars`.
 2. Gateway CPU (in process, `loadtest.bench.inproc`'s memory engine, no sockets): process CPU
    time per request, best of `--repeat`, naming the model vs model="auto" — steady on a busy
    machine, where wall-clock tails are not.
@@ -44,7 +44,7 @@ from router.domain_router import DomainRouter, build_classifier
 from router.keyword import KeywordClassifier
 from router.policy import DEFAULT_ROUTES, RoutesPolicy, load_routes, read_examples
 from server.app import create_app
-from server.settings import Settings
+from server.settings import RouterSettings, Settings
 
 DOMAIN_ADAPTERS = ("medical", "legal", "finance")
 
@@ -74,11 +74,12 @@ def time_classify(
 def classify_report(policy: RoutesPolicy, texts: list[str], rounds: int, artefact: Path) -> str:
     tfidf = DomainRouter(policy, build_classifier(policy, "tfidf", artefact))
     keyword = DomainRouter(policy, KeywordClassifier(policy.keywords))
-    long_texts = [(" ".join(texts[i:] + texts[:i]))[:1000] for i in range(0, len(texts), 7)]
+    cap = RouterSettings().max_chars
+    long_texts = [(" ".join(texts[i:] + texts[:i]))[:cap] for i in range(0, len(texts), 7)]
     lines = ["classify (in process, one call per request, µs):"]
     for name, router, sample in (
         ("tfidf (default), held-out prompts", tfidf, texts),
-        ("tfidf (default), 1000-char inputs", tfidf, long_texts),
+        (f"tfidf (default), {cap}-char inputs", tfidf, long_texts),
         ("keyword, held-out prompts", keyword, texts),
     ):
         wall, cpu = time_classify(router, sample, rounds)

@@ -115,7 +115,7 @@ def test_build_loads_a_matching_artefact_and_refits_a_stale_one(
 
 def test_classify_is_fast_enough_for_the_request_path(fitted: TfidfClassifier) -> None:
     """A sanity bound, not a benchmark (loadtest/bench/routing.py measures): even a 1000-char
-    input (the default max_chars) stays in the low milliseconds on a loaded CI machine."""
+    input (twice the default max_chars) stays in the low milliseconds on a loaded CI machine."""
     text = " ".join(e.text for e in read_examples(DATA / "test.jsonl"))[:1000]
     best = min(_timed(fitted, text) for _ in range(20))
     assert best < 0.01
