@@ -50,8 +50,8 @@ def create_app(settings: Settings, engine_factory: EngineFactory | None = None) 
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         state = await build_state(settings, engine_factory)
         app.state.loraplex = state
-        app.state.loraplex_router = AutoRouting.start(settings)  # model="auto" (or None: off)
         try:
+            app.state.loraplex_router = AutoRouting.start(settings)  # model="auto" (None: off)
             if settings.engine.mode == "local":
                 state.local_engine = LocalEngine(settings.engine)
                 await state.local_engine.start()

@@ -223,11 +223,14 @@ async def test_a_classifier_that_fails_to_load_routes_to_the_fallback(
         assert metric(text, "loraplex_router_fallbacks_total", reason="unavailable") == 1
 
 
-def test_a_bad_routes_file_fails_start_up(config: Config, tmp_path: Path) -> None:
+async def test_a_bad_routes_file_fails_start_up(
+    config: Config, engine: FakeEngine, tmp_path: Path
+) -> None:
     from router.policy import RoutesError
-    from server.routing import AutoRouting
 
     bad = tmp_path / "routes.yaml"
     bad.write_text("fallback: base\ndomains: {}\n")
+    settings = config.settings(router={"routes_file": bad})
     with pytest.raises(RoutesError, match="at least two"):
-        AutoRouting.start(config.settings(router={"routes_file": bad}))
+        async with running_gateway(settings, engine, wait_ready=False):
+            pass
