@@ -19,6 +19,7 @@ import orjson
 from adapters.errors import AdapterRejected
 from adapters.loader import Residency
 from adapters.registry import Actor, NewVersion, Registry, VersionInUse, VersionNotFound
+from adapters.sources import redact_url
 from adapters.types import DEFAULT_ALIAS, AdapterVersion, VersionState
 from adapters.validate import AdapterFacts, BaseModelInfo, ValidationLimits, check_against_base
 from adapters.validate import inspect_adapter as inspect_dir
@@ -255,10 +256,11 @@ class AdapterLifecycle:
 
 def _log_progress(source: str) -> Progress:
     state = {"next": 0}
+    shown = redact_url(source)  # presigned URLs carry their signature in the query
 
     def report(done: int, total: int | None) -> None:
         if done >= state["next"] or (total is not None and done >= total):
             state["next"] = done + (16 << 20)
-            log.info("fetching adapter", extra={"source": source, "bytes": done, "total": total})
+            log.info("fetching adapter", extra={"source": shown, "bytes": done, "total": total})
 
     return report

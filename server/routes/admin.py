@@ -62,6 +62,7 @@ class VersionView(BaseModel):
     target_modules: list[str]
     size_bytes: int
     source: str
+    path: str
     created_at: float
     pinned: bool
     aliases: list[str]
@@ -97,6 +98,7 @@ def _view(request: Request, v: AdapterVersion) -> VersionView:
         target_modules=list(v.target_modules),
         size_bytes=v.size_bytes,
         source=v.source_uri,
+        path=v.path,
         created_at=v.created_at,
         pinned=v.pinned,
         aliases=state.registry.snapshot.aliases_pointing_at(v.name, v.version),

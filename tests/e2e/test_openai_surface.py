@@ -31,7 +31,7 @@ def markers(gw: Gateway) -> dict[str, str]:
 def test_chat_each_adapter_answers_with_its_marker(gateway: Gateway) -> None:
     for name, marker in markers(gateway).items():
         text, served = chat_text(gateway, "acme", name)
-        assert served == name
+        assert served == f"{name}@1"  # bootstrapped once: version 1, via `stable`
         assert text.strip().startswith(marker), (name, text)
         others = [m for n, m in markers(gateway).items() if n != name]
         assert not any(m in text for m in others), (name, text)
@@ -103,13 +103,13 @@ def test_stream_usage_only_when_asked(gateway: Gateway) -> None:
 
 def test_header_beats_model_field(gateway: Gateway) -> None:
     text, served = chat_text(gateway, "acme", "medical", headers={"X-Loraplex-Adapter": "legal"})
-    assert served == "legal"
+    assert served == "legal@1"
     assert text.strip().startswith(gateway.adapter("legal")["marker"]), text
 
 
 def test_tenant_default_adapter(gateway: Gateway) -> None:
     text, served = chat_text(gateway, "clinic", "default")
-    assert served == "medical"
+    assert served == "medical@1"
     assert text.strip().startswith(gateway.adapter("medical")["marker"]), text
 
 

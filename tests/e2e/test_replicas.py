@@ -35,14 +35,14 @@ class Replica:
         self.proc: subprocess.Popen[bytes] | None = None
 
     def start(self) -> Replica:
-        log = (self.cfg / f"{self.name}.log").open("ab")
-        self.proc = subprocess.Popen(
-            [str(REPO / ".venv/bin/loraplex"), "serve", "--port", str(self.port)],
-            cwd=REPO,
-            env=self.env,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-        )
+        with (self.cfg / f"{self.name}.log").open("ab") as log:  # the child keeps its own fd
+            self.proc = subprocess.Popen(
+                [str(REPO / ".venv/bin/loraplex"), "serve", "--port", str(self.port)],
+                cwd=REPO,
+                env=self.env,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+            )
         deadline = time.monotonic() + 60
         while True:
             assert self.proc.poll() is None, (self.cfg / f"{self.name}.log").read_text()[-2000:]
