@@ -212,9 +212,7 @@ class AdapterLifecycle:
                 version.name, version.version, VersionState.REJECTED, actor, reason=reason
             )
             await self.residency.unregister(version.served_name, drain_timeout_s=0)
-            if isinstance(exc, AdapterRejected):
-                raise
-            raise SmokeFailed(f"{version.label}: {reason}") from exc
+            raise SmokeFailed(f"{version.label} rejected: {reason}") from exc
         return await self.registry.set_state(
             version.name,
             version.version,
