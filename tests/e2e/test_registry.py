@@ -157,7 +157,17 @@ def test_more_adapters_than_registrations_all_served_and_single_flight(gateway: 
             for n in MULTI
         }
         assert all(v >= 1 for v in loads.values())
-        report("6 adapters over a budget of 3", evictions=evictions, loads=loads)
+        report(
+            "6 adapters over a budget of 3",
+            evictions=evictions,
+            loads=loads,
+            mean_load_ms=round(
+                1000
+                * metric(after, "loraplex_adapter_load_seconds_sum")
+                / metric(after, "loraplex_adapter_load_seconds_count"),
+                1,
+            ),
+        )
 
         # N concurrent first requests to an adapter that is not registered: one registration.
         registered = {s["adapter"].split("@")[0] for s in residency["slots"] if s["registered"]}
