@@ -17,6 +17,7 @@ from adapters.archive import ArchiveLimits, tree_digest
 from adapters.sources import SourceResolver, SourceSettings
 from server.errors import LoraplexError
 from tests.adapter_factory import files_of, make_adapter, same_files
+from tests.servers import moto_s3
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -42,28 +43,8 @@ async def code_of(coro: Any) -> str:
 
 @pytest.fixture(scope="module")
 def s3_endpoint() -> Iterator[str]:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    exe = Path(sys.executable).parent / "moto_server"
-    proc = subprocess.Popen(
-        [str(exe), "-H", "127.0.0.1", "-p", str(port)],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    deadline = time.monotonic() + 30
-    while True:
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
-            break
-        except OSError:
-            if time.monotonic() > deadline or proc.poll() is not None:
-                proc.kill()
-                raise RuntimeError("moto_server did not start") from None
-            time.sleep(0.1)
-    yield f"http://127.0.0.1:{port}"
-    proc.terminate()
-    proc.wait(10)
+    with moto_s3() as endpoint:
+        yield endpoint
 
 
 @pytest.fixture
