@@ -153,10 +153,10 @@ class Fleet:
         self.procs: dict[str, subprocess.Popen[bytes]] = {}
 
     def start(self, name: str, cmd: list[str], env: dict[str, str] | None = None) -> None:
-        log = (self.logdir / f"{name}.log").open("wb")
-        self.procs[name] = subprocess.Popen(
-            cmd, env={**os.environ, **(env or {})}, stdout=log, stderr=subprocess.STDOUT
-        )
+        with (self.logdir / f"{name}.log").open("wb") as log:
+            self.procs[name] = subprocess.Popen(
+                cmd, env={**os.environ, **(env or {})}, stdout=log, stderr=subprocess.STDOUT
+            )
 
     def adopt(self, name: str, proc: subprocess.Popen[bytes]) -> None:
         self.procs[name] = proc
