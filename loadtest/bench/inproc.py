@@ -5,6 +5,7 @@ access log, SSE relay. The best of several repeats of process CPU time is steady
 busy machine to A/B a hot-path change, which wall-clock latency here is not.
 
     python -m loadtest.bench.inproc [-n 2000] [--repeat 5] [--stream] [--events 16]
+        [--model auto]
 """
 
 from __future__ import annotations
@@ -87,7 +88,7 @@ class MemoryEngine:
         return None
 
 
-async def run(n: int, repeat: int, stream: bool, events: int) -> list[float]:
+async def run(n: int, repeat: int, stream: bool, events: int, model: str = "bench") -> list[float]:
     """CPU seconds per request for each repeat of `n` sequential requests."""
     with tempfile.TemporaryDirectory() as tmp:
         args, env = gateway_config(Path(tmp) / "gw", {"bench": fake_adapter_dir(Path(tmp))})
@@ -97,7 +98,7 @@ async def run(n: int, repeat: int, stream: bool, events: int) -> list[float]:
         settings = Settings()
         app = create_app(settings, engine_factory=lambda _: MemoryEngine(events))
         body = orjson.dumps(
-            {"model": "bench", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 1}
+            {"model": model, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 1}
             | ({"stream": True} if stream else {})
         )
         headers = [
@@ -163,6 +164,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--repeat", type=int, default=5)
     ap.add_argument("--stream", action="store_true")
     ap.add_argument("--events", type=int, default=16)
+    ap.add_argument("--model", default="bench", help='"auto": through domain routing')
     args = ap.parse_args(argv)
     import uvloop
 
@@ -170,10 +172,11 @@ def main(argv: list[str] | None = None) -> None:
     handler = logging.getLogger("loraplex").handlers[0]
     assert isinstance(handler, logging.StreamHandler)
     handler.setStream(open(os.devnull, "w"))  # noqa: SIM115
-    per = uvloop.run(run(args.n, args.repeat, args.stream, args.events))
+    per = uvloop.run(run(args.n, args.repeat, args.stream, args.events, args.model))
     kind = f"stream of {args.events} events" if args.stream else "non-streaming"
     print(
-        f"gateway CPU per {kind} request (in process, {args.n} x {args.repeat}): "
+        f"gateway CPU per {kind} request, model={args.model} (in process, "
+        f"{args.n} x {args.repeat}): "
         f"best {min(per) * 1e6:.0f} us, median {sorted(per)[len(per) // 2] * 1e6:.0f} us"
     )
 

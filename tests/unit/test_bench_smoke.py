@@ -58,3 +58,17 @@ def test_overhead_benchmark_runs_and_reports_ratios(stream: bool) -> None:
             assert r[2] == r[3], r  # every event the upstream sent was received
             if r[0] in ("direct", "loraplex", "loraplex-auto"):
                 assert float(r[4]) >= 0.9  # one HTTP chunk per event
+
+
+@pytest.mark.parametrize("extra", [[], ["--stream"], ["--model", "auto"]])
+def test_inproc_benchmark_runs(extra: list[str]) -> None:
+    out = subprocess.run(
+        [sys.executable, "-m", "loadtest.bench.inproc", "-n", "20", "--repeat", "1", *extra],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=True,
+    ).stdout
+    assert "gateway CPU per" in out
+    assert " best " in out
