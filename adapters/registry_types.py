@@ -1,0 +1,132 @@
+"""Registry value types: what the store returns, what the request path reads (a `Snapshot`),
+and the registry's errors. Kept apart from the SQL so readers need no database imports."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from adapters.types import DEFAULT_ALIAS, AdapterRef, AdapterVersion
+from server.errors import Conflict, NotFound
+
+
+class VersionNotFound(NotFound):
+    code = "adapter_not_found"
+
+
+class VersionInUse(Conflict):
+    code = "version_in_use"
+
+
+class InvalidTransition(Conflict):
+    code = "invalid_state_transition"
+
+
+class TenantNotFound(NotFound):
+    code = "tenant_not_found"
+
+
+class TenantExists(Conflict):
+    code = "tenant_exists"
+
+
+@dataclass(frozen=True, slots=True)
+class Actor:
+    """Who asked for a mutation (audit): the admin key's id, an optional human name."""
+
+    name: str
+    request_id: str | None = None
+
+
+SYSTEM = Actor("system")
+
+
+@dataclass(frozen=True, slots=True)
+class Quotas:
+    max_adapters: int | None = None
+    requests_per_minute: int | None = None
+    tokens_per_minute: int | None = None
+
+    def as_dict(self) -> dict[str, int | None]:
+        return {
+            "max_adapters": self.max_adapters,
+            "requests_per_minute": self.requests_per_minute,
+            "tokens_per_minute": self.tokens_per_minute,
+        }
+
+
+@dataclass(frozen=True, slots=True)
+class TenantRecord:
+    name: str
+    key_digests: tuple[str, ...]
+    adapters: frozenset[str]
+    default: str | None = None
+    quotas: Quotas = field(default_factory=Quotas)
+
+    def as_audit(self) -> dict[str, Any]:
+        """Audit view: key digests shortened (they identify keys, they are not secrets to log)."""
+        return {
+            "keys": [d[:12] for d in self.key_digests],
+            "adapters": sorted(self.adapters),
+            "default": self.default,
+            "quotas": self.quotas.as_dict(),
+        }
+
+
+@dataclass(frozen=True, slots=True)
+class AuditEntry:
+    id: int
+    at: float
+    actor: str
+    action: str
+    target: str
+    before: Any
+    after: Any
+    request_id: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class NewVersion:
+    """What registration knows about a version before the registry numbers it."""
+
+    digest: str
+    base_digest: str | None
+    rank: int
+    alpha: float
+    target_modules: tuple[str, ...]
+    size_bytes: int
+    source_uri: str
+    path: str
+    metadata: Mapping[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True)
+class Snapshot:
+    """An immutable view of the registry; the request path resolves names against it."""
+
+    generation: int = -1
+    versions: Mapping[tuple[str, int], AdapterVersion] = field(default_factory=dict)
+    aliases: Mapping[tuple[str, str], int] = field(default_factory=dict)
+    tenants: Mapping[str, TenantRecord] = field(default_factory=dict)
+
+    def resolve(self, ref: AdapterRef) -> AdapterVersion | None:
+        """The version a reference means now: explicit number, alias, or the `stable` alias."""
+        if ref.version is not None:
+            return self.versions.get((ref.name, ref.version))
+        number = self.aliases.get((ref.name, ref.alias or DEFAULT_ALIAS))
+        return None if number is None else self.versions.get((ref.name, number))
+
+    def names(self) -> list[str]:
+        return sorted({name for name, _ in self.versions})
+
+    def versions_of(self, name: str) -> list[AdapterVersion]:
+        return sorted(
+            (v for (n, _), v in self.versions.items() if n == name), key=lambda v: v.version
+        )
+
+    def aliases_of(self, name: str) -> dict[str, int]:
+        return {a: v for (n, a), v in sorted(self.aliases.items()) if n == name}
+
+    def aliases_pointing_at(self, name: str, version: int) -> list[str]:
+        return [a for (n, a), v in sorted(self.aliases.items()) if n == name and v == version]
