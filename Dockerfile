@@ -14,10 +14,16 @@ FROM python:3.11-slim-bookworm
 LABEL org.opencontainers.image.title="loraplex" \
       org.opencontainers.image.description="OpenAI-compatible multi-adapter LoRA gateway for vLLM"
 COPY --from=build /install /usr/local
-RUN useradd --system --uid 10001 --no-create-home --shell /usr/sbin/nologin loraplex
+RUN useradd --system --uid 10001 --no-create-home --shell /usr/sbin/nologin loraplex \
+    && mkdir -p /var/lib/loraplex && chown 10001 /var/lib/loraplex
+# Registry (SQLite by default; PostgreSQL via LORAPLEX_REGISTRY__URL for several replicas) and
+# the adapter cache live on a volume the engine pods mount at the same path.
+WORKDIR /var/lib/loraplex
 USER 10001
 ENV PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1 \
+    LORAPLEX_REGISTRY__URL=sqlite+aiosqlite:////var/lib/loraplex/registry.db \
+    LORAPLEX_REGISTRY__CACHE_DIR=/var/lib/loraplex/adapters \
     LORAPLEX_HOST=0.0.0.0 \
     LORAPLEX_PORT=8080 \
     LORAPLEX_ENGINE__MODE=remote
