@@ -33,6 +33,9 @@ TOKEN_LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5
 LOAD_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 CLASSIFY_BUCKETS = (2.5e-5, 5e-5, 1e-4, 2.5e-4, 5e-4, 1e-3, 2.5e-3, 5e-3, 0.01, 0.025, 0.05, 0.1)
 CONFIDENCE_BUCKETS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 1.0)
+TOKEN_COUNT_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096)
+SCORE_BUCKETS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0)
+EXPERIMENT_STATUSES = ("running", "paused", "promoted", "aborted", "rolled_back")
 
 
 class GatewayMetrics:
@@ -160,6 +163,77 @@ class GatewayMetrics:
             "Time to classify one request.",
             ["classifier"],
             buckets=CLASSIFY_BUCKETS,
+            registry=r,
+        )
+
+        self._experiment_metrics(r)
+
+    def _experiment_metrics(self, r: CollectorRegistry) -> None:
+        """Per-variant series the experiment controller reads back (locally or via PromQL);
+        `experiment` and `variant` are admin-chosen names, so bounded."""
+        ev = ["experiment", "variant"]
+        self.exp_requests = Counter(
+            "loraplex_experiment_requests",
+            "Requests served by an experiment variant, by outcome (ok, client_error, error).",
+            [*ev, "outcome"],
+            registry=r,
+        )
+        self.exp_latency = Histogram(
+            "loraplex_experiment_request_duration_seconds",
+            "End-to-end latency of requests served by an experiment variant.",
+            ev,
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.exp_ttft = Histogram(
+            "loraplex_experiment_ttft_seconds",
+            "Time to first token of streamed requests served by an experiment variant.",
+            ev,
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.exp_completion_tokens = Histogram(
+            "loraplex_experiment_completion_tokens",
+            "Completion length (tokens) of requests served by an experiment variant.",
+            ev,
+            buckets=TOKEN_COUNT_BUCKETS,
+            registry=r,
+        )
+        self.exp_feedback = Counter(
+            "loraplex_experiment_feedback",
+            "User feedback on requests served by an experiment variant (rating: up, down).",
+            [*ev, "rating"],
+            registry=r,
+        )
+        self.exp_feedback_score = Histogram(
+            "loraplex_experiment_feedback_score",
+            "Feedback scores in [0, 1] by experiment variant.",
+            ev,
+            buckets=SCORE_BUCKETS,
+            registry=r,
+        )
+        self.exp_weight = Gauge(
+            "loraplex_experiment_weight",
+            "Current traffic share of an experiment variant (0..1).",
+            ev,
+            registry=r,
+        )
+        self.exp_shadow = Counter(
+            "loraplex_experiment_shadow_requests",
+            "Mirrored (shadow) requests to a candidate, by outcome (ok, error, dropped).",
+            [*ev, "outcome"],
+            registry=r,
+        )
+        self.exp_rollbacks = Counter(
+            "loraplex_experiment_rollbacks",
+            "Automatic rollbacks of an experiment, by the guardrail that was breached.",
+            ["experiment", "guardrail"],
+            registry=r,
+        )
+        self.exp_status = Gauge(
+            "loraplex_experiment_status",
+            "1 for the experiment's current status, 0 for the others.",
+            ["experiment", "status"],
             registry=r,
         )
 
