@@ -26,6 +26,9 @@ from adapters.registry_types import (
     SYSTEM,
     Actor,
     AuditEntry,
+    ExperimentExists,
+    ExperimentNotFound,
+    ExperimentRecord,
     InvalidTransition,
     NewVersion,
     Quotas,
@@ -43,6 +46,9 @@ __all__ = [
     "SYSTEM",
     "Actor",
     "AuditEntry",
+    "ExperimentExists",
+    "ExperimentNotFound",
+    "ExperimentRecord",
     "InvalidTransition",
     "NewVersion",
     "Quotas",
@@ -58,7 +64,7 @@ __all__ = [
 MIGRATIONS = Path(__file__).resolve().parent / "migrations"
 # The newest migration in adapters/migrations/versions (a unit test keeps the two in step):
 # a database already there skips loading Alembic at start.
-HEAD_REVISION = "0001"
+HEAD_REVISION = "0002"
 MIGRATION_LOCK_ID = 0x10AA_B1E4  # PostgreSQL advisory lock: one replica migrates at a time
 LIVE_STATES = (VersionState.REGISTERED, VersionState.VALIDATED)
 
@@ -383,6 +389,130 @@ class Registry:
         async with self._engine.begin() as conn:
             await _audit(conn, actor, action, target, None, after)
 
+    # -- experiments -------------------------------------------------------------------------
+
+    async def put_experiment(
+        self,
+        record: ExperimentRecord,
+        actor: Actor,
+        *,
+        create: bool = False,
+        expect_status: tuple[str, ...] | None = None,
+        action: str = "experiment.update",
+    ) -> ExperimentRecord | None:
+        """Create (refusing an existing name) or replace an experiment; `expect_status` guards
+        against a concurrent change (another replica's controller or an operator)."""
+        async with self._mutation() as conn:
+            before = await _get_experiment(conn, record.name)
+            if create and before is not None:
+                raise ExperimentExists(f"experiment {record.name!r} exists")
+            if not create and before is None:
+                raise ExperimentNotFound(f"no experiment named {record.name!r}")
+            if before is not None and expect_status and before.status not in expect_status:
+                raise InvalidTransition(
+                    f"experiment {record.name!r} is {before.status}, expected "
+                    + " or ".join(expect_status)
+                )
+            now = time.time()
+            values = {
+                "target": record.target,
+                "definition": dict(record.definition),
+                "status": record.status,
+                "weights": dict(record.weights),
+                "ramp_step": record.ramp_step,
+                "step_started_at": record.step_started_at,
+                "reason": record.reason,
+                "updated_at": now,
+            }
+            if before is None:
+                await conn.execute(
+                    sa.insert(t.experiments).values(name=record.name, created_at=now, **values)
+                )
+            else:
+                await conn.execute(
+                    sa.update(t.experiments)
+                    .where(t.experiments.c.name == record.name)
+                    .values(**values)
+                )
+            await _audit(
+                conn,
+                actor,
+                "experiment.create" if before is None else action,
+                f"experiment:{record.name}",
+                before.as_audit() if before else None,
+                record.as_audit() | ({"definition": dict(record.definition)} if create else {}),
+            )
+        return before
+
+    async def delete_experiment(self, name: str, actor: Actor) -> ExperimentRecord:
+        async with self._mutation() as conn:
+            before = await _get_experiment(conn, name)
+            if before is None:
+                raise ExperimentNotFound(f"no experiment named {name!r}")
+            await conn.execute(sa.delete(t.experiments).where(t.experiments.c.name == name))
+            await _audit(
+                conn, actor, "experiment.delete", f"experiment:{name}", before.as_audit(), None
+            )
+        return before
+
+    # -- leader leases ---------------------------------------------------------------------------
+
+    async def acquire_lease(self, name: str, holder: str, ttl_s: float) -> bool:
+        """Take or renew lease `name` for `holder` unless another holder's is still valid.
+        One conditional UPDATE (or the first INSERT): atomic on SQLite and PostgreSQL alike."""
+        now = time.time()
+        c = t.leases.c
+        async with self._engine.begin() as conn:
+            taken = await conn.execute(
+                sa.update(t.leases)
+                .where(c.name == name, sa.or_(c.holder == holder, c.expires_at < now))
+                .values(holder=holder, expires_at=now + ttl_s)
+            )
+            if taken.rowcount:
+                return True
+        try:
+            async with self._engine.begin() as conn:
+                await conn.execute(
+                    sa.insert(t.leases).values(name=name, holder=holder, expires_at=now + ttl_s)
+                )
+        except sa.exc.IntegrityError:
+            return False  # held by someone else
+        return True
+
+    async def release_lease(self, name: str, holder: str) -> None:
+        c = t.leases.c
+        async with self._engine.begin() as conn:
+            await conn.execute(sa.delete(t.leases).where(c.name == name, c.holder == holder))
+
+    # -- drift references ------------------------------------------------------------------------
+
+    async def drift_references(self) -> dict[str, dict[str, Any]]:
+        async with self._engine.connect() as conn:
+            rows = (await conn.execute(sa.select(t.drift_references))).mappings().all()
+        return {r["tenant"]: dict(r["payload"]) for r in rows}
+
+    async def put_drift_reference(
+        self, tenant: str, payload: Mapping[str, Any] | None, actor: Actor
+    ) -> None:
+        """Store (None: forget) a tenant's drift reference window; audited without the payload."""
+        c = t.drift_references.c
+        async with self._engine.begin() as conn:
+            await conn.execute(sa.delete(t.drift_references).where(c.tenant == tenant))
+            if payload is not None:
+                await conn.execute(
+                    sa.insert(t.drift_references).values(
+                        tenant=tenant, payload=dict(payload), updated_at=time.time()
+                    )
+                )
+            await _audit(
+                conn,
+                actor,
+                "drift.reference.set" if payload is not None else "drift.reference.reset",
+                f"tenant:{tenant}",
+                None,
+                None,
+            )
+
     # -- plumbing ------------------------------------------------------------------------------
 
     @contextlib.asynccontextmanager
@@ -511,6 +641,30 @@ async def _get_tenant(conn: AsyncConnection, name: str) -> TenantRecord | None:
     return None if row is None else _tenant_from_row(row)
 
 
+async def _get_experiment(conn: AsyncConnection, name: str) -> ExperimentRecord | None:
+    row = (
+        (await conn.execute(sa.select(t.experiments).where(t.experiments.c.name == name)))
+        .mappings()
+        .first()
+    )
+    return None if row is None else _experiment_from_row(row)
+
+
+def _experiment_from_row(row: Mapping[Any, Any]) -> ExperimentRecord:
+    return ExperimentRecord(
+        name=row["name"],
+        target=row["target"],
+        definition=dict(row["definition"]),
+        status=row["status"],
+        weights={str(k): float(v) for k, v in dict(row["weights"]).items()},
+        ramp_step=row["ramp_step"],
+        step_started_at=row["step_started_at"],
+        reason=row["reason"],
+        created_at=row["created_at"],
+        updated_at=row["updated_at"],
+    )
+
+
 async def _load_snapshot(conn: AsyncConnection) -> Snapshot:
     generation = int((await conn.execute(sa.select(t.registry_meta.c.generation))).scalar_one())
     versions = {}
@@ -524,7 +678,11 @@ async def _load_snapshot(conn: AsyncConnection) -> Snapshot:
         r["name"]: _tenant_from_row(r)
         for r in (await conn.execute(sa.select(t.tenants))).mappings()
     }
-    return Snapshot(generation, versions, aliases, tenants)
+    experiments = {
+        r["name"]: _experiment_from_row(r)
+        for r in (await conn.execute(sa.select(t.experiments))).mappings()
+    }
+    return Snapshot(generation, versions, aliases, tenants, experiments)
 
 
 def _version_from_row(row: Mapping[Any, Any]) -> AdapterVersion:

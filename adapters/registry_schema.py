@@ -101,3 +101,37 @@ audit_log = Table(
     Column("request_id", String(128), nullable=True),
     Index("ix_audit_log_at", "at"),
 )
+
+# A/B experiments (router.experiments parses `definition`); mutations are audited like the rest.
+experiments = Table(
+    "experiments",
+    metadata,
+    Column("name", String(64), primary_key=True),
+    Column("target", String(140), nullable=False),
+    Column("definition", JSON, nullable=False),
+    Column("status", String(16), nullable=False),
+    Column("weights", JSON, nullable=False),
+    Column("ramp_step", Integer, nullable=False),
+    Column("step_started_at", Float, nullable=False),
+    Column("reason", Text, nullable=True),
+    Column("created_at", Float, nullable=False),
+    Column("updated_at", Float, nullable=False),
+)
+
+# Leader leases (e.g. the experiment controller): one holder until `expires_at`.
+leases = Table(
+    "leases",
+    metadata,
+    Column("name", String(64), primary_key=True),
+    Column("holder", String(140), nullable=False),
+    Column("expires_at", Float, nullable=False),
+)
+
+# Per-tenant drift reference windows (server.telemetry.drift payloads).
+drift_references = Table(
+    "drift_references",
+    metadata,
+    Column("tenant", String(64), primary_key=True),
+    Column("payload", JSON, nullable=False),
+    Column("updated_at", Float, nullable=False),
+)

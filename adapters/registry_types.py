@@ -31,6 +31,14 @@ class TenantExists(Conflict):
     code = "tenant_exists"
 
 
+class ExperimentNotFound(NotFound):
+    code = "experiment_not_found"
+
+
+class ExperimentExists(Conflict):
+    code = "experiment_exists"
+
+
 @dataclass(frozen=True, slots=True)
 class Actor:
     """Who asked for a mutation (audit): the admin key's id, an optional human name."""
@@ -102,6 +110,32 @@ class NewVersion:
 
 
 @dataclass(frozen=True, slots=True)
+class ExperimentRecord:
+    """An experiment as stored: `definition` (variants, shadow, ramp, guardrails) is parsed by
+    `router.experiments`; `weights` is the live traffic share per variant name."""
+
+    name: str
+    target: str
+    definition: Mapping[str, Any]
+    status: str
+    weights: Mapping[str, float]
+    ramp_step: int
+    step_started_at: float
+    reason: str | None = None
+    created_at: float = 0.0
+    updated_at: float = 0.0
+
+    def as_audit(self) -> dict[str, Any]:
+        return {
+            "target": self.target,
+            "status": self.status,
+            "weights": dict(self.weights),
+            "ramp_step": self.ramp_step,
+            "reason": self.reason,
+        }
+
+
+@dataclass(frozen=True, slots=True)
 class Snapshot:
     """An immutable view of the registry; the request path resolves names against it."""
 
@@ -109,6 +143,7 @@ class Snapshot:
     versions: Mapping[tuple[str, int], AdapterVersion] = field(default_factory=dict)
     aliases: Mapping[tuple[str, str], int] = field(default_factory=dict)
     tenants: Mapping[str, TenantRecord] = field(default_factory=dict)
+    experiments: Mapping[str, ExperimentRecord] = field(default_factory=dict)
 
     def resolve(self, ref: AdapterRef) -> AdapterVersion | None:
         """The version a reference means now: explicit number, alias, or the `stable` alias."""

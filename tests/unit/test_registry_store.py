@@ -8,6 +8,7 @@ import subprocess
 import sys
 import textwrap
 from collections.abc import AsyncIterator, Iterator
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -19,6 +20,9 @@ from adapters.registry import (
     HEAD_REVISION,
     MIGRATIONS,
     Actor,
+    ExperimentExists,
+    ExperimentNotFound,
+    ExperimentRecord,
     InvalidTransition,
     NewVersion,
     Quotas,
@@ -186,6 +190,54 @@ async def test_another_replica_sees_changes_through_the_generation(
         assert other.snapshot.resolve(AdapterRef("medical")).version == 1  # type: ignore[union-attr]
     finally:
         await other.close()
+
+
+async def test_experiments_are_stored_guarded_audited_and_in_the_snapshot(
+    registry: Registry,
+) -> None:
+    rec = ExperimentRecord(
+        name="exp1",
+        target="support@stable",
+        definition={"variants": [{"name": "control", "model": "support@1"}]},
+        status="running",
+        weights={"control": 0.9, "candidate": 0.1},
+        ramp_step=0,
+        step_started_at=1.0,
+    )
+    await registry.put_experiment(rec, ADMIN, create=True)
+    with pytest.raises(ExperimentExists):
+        await registry.put_experiment(rec, ADMIN, create=True)
+    got = registry.snapshot.experiments["exp1"]
+    assert got.weights == {"control": 0.9, "candidate": 0.1}
+    assert got.status == "running"
+    rolled = replace(rec, status="rolled_back", weights={"control": 1.0, "candidate": 0.0})
+    await registry.put_experiment(rolled, ADMIN, expect_status=("running",), action="x.rollback")
+    with pytest.raises(InvalidTransition):  # a second controller lost the race
+        await registry.put_experiment(rolled, ADMIN, expect_status=("running",))
+    assert registry.snapshot.experiments["exp1"].status == "rolled_back"
+    actions = [e.action for e in await registry.audit_entries()]
+    assert actions[:2] == ["x.rollback", "experiment.create"]
+    await registry.delete_experiment("exp1", ADMIN)
+    assert "exp1" not in registry.snapshot.experiments
+    with pytest.raises(ExperimentNotFound):
+        await registry.delete_experiment("exp1", ADMIN)
+
+
+async def test_leases_have_one_holder_until_they_expire(registry: Registry) -> None:
+    assert await registry.acquire_lease("controller", "a", ttl_s=30)
+    assert not await registry.acquire_lease("controller", "b", ttl_s=30)
+    assert await registry.acquire_lease("controller", "a", ttl_s=30)  # renewal
+    await registry.release_lease("controller", "a")
+    assert await registry.acquire_lease("controller", "b", ttl_s=0.05)
+    await asyncio.sleep(0.1)
+    assert await registry.acquire_lease("controller", "a", ttl_s=30)  # b's expired
+
+
+async def test_drift_references_round_trip(registry: Registry) -> None:
+    await registry.put_drift_reference("acme", {"domains": {"medical": 3}}, ADMIN)
+    assert await registry.drift_references() == {"acme": {"domains": {"medical": 3}}}
+    await registry.put_drift_reference("acme", None, ADMIN)
+    assert await registry.drift_references() == {}
 
 
 def test_migrated_schema_matches_the_tables_module(tmp_path: Path) -> None:
