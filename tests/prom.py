@@ -1,0 +1,204 @@
+"""A throwaway Prometheus server for tests (Debian's `prometheus` package; scripts/setup installs
+it). It scrapes the given targets every second and evaluates the given rule files, so a test can
+check what a real Prometheus sees of the gateway: series names and labels after a scrape,
+`increase()`/`histogram_quantile()` over them, and alerts that fire from deploy/prometheus rules.
+The first scrape lands about 5 s after start (Prometheus hands new targets to its scrape loops
+on a fixed 5 s tick, not configurable in 2.42), then every `scrape_interval`.
+
+    with prometheus_server(["127.0.0.1:8000"], rule_files=[ALERTS]) as prom:
+        prom.wait_for('loraplex_requests_total{status="200"}')
+        assert prom.query("sum(loraplex_engine_up)")[0]["value"][1] == "1"
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import subprocess
+import tempfile
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+import httpx
+import pytest
+import yaml
+
+from tests.servers import free_port
+
+Sample = dict[str, Any]
+"""One element of an instant query's `data.result`: {"metric": {...}, "value": [ts, "str"]}."""
+
+
+def prometheus_binary(name: str = "prometheus") -> str:
+    """Path of `prometheus` or `promtool`; a clear error when the package is missing."""
+    found = shutil.which(name)
+    if found is None:
+        raise RuntimeError(f"{name} not found: run scripts/setup (installs Debian's prometheus)")
+    return found
+
+
+def require_binary(name: str = "prometheus") -> str:
+    """For tests: the binary's path; without it, fail under CI (CI=true: scripts/setup ran, so
+    a missing tool is a broken setup) and skip elsewhere, saying how to get it."""
+    found = shutil.which(name)
+    if found is not None:
+        return found
+    reason = f"{name} not installed: run scripts/setup (installs Debian's prometheus)"
+    if os.environ.get("CI", "").lower() in ("1", "true", "yes"):
+        pytest.fail(reason)
+    pytest.skip(reason)
+
+
+def _target(target: str) -> str:
+    """`host:port` for a static_config; a base URL (http://host:port) is accepted too."""
+    if "://" not in target:
+        return target
+    parts = urlsplit(target)
+    if parts.scheme != "http" or parts.path not in ("", "/"):
+        raise ValueError(f"target {target!r}: give http://host:port; set metrics_path apart")
+    return parts.netloc
+
+
+@dataclass
+class Prometheus:
+    """A running server: its base URL and a few calls of the HTTP API (v1)."""
+
+    url: str
+    root: Path
+    client: httpx.Client
+
+    def _get(self, path: str, **params: str) -> Any:
+        response = self.client.get(f"{self.url}{path}", params=params)
+        body = response.json()
+        if response.status_code != 200 or body.get("status") != "success":
+            raise RuntimeError(f"prometheus {path} {params}: {response.status_code} {body}")
+        return body["data"]
+
+    def query(self, promql: str) -> list[Sample]:
+        """Instant query; the result vector (a scalar result comes back as one sample)."""
+        data = self._get("/api/v1/query", query=promql)
+        if data["resultType"] in ("scalar", "string"):
+            return [{"metric": {}, "value": data["result"]}]
+        result: list[Sample] = data["result"]
+        return result
+
+    def value(self, promql: str) -> float | None:
+        """The single sample's value of an instant query, or None when the result is empty."""
+        result = self.query(promql)
+        if not result:
+            return None
+        if len(result) > 1:
+            raise AssertionError(f"{promql} returned {len(result)} series: {result}")
+        return float(result[0]["value"][1])
+
+    def wait_for(
+        self,
+        promql: str,
+        predicate: Callable[[list[Sample]], bool] = bool,
+        *,
+        timeout: float = 20.0,
+    ) -> list[Sample]:
+        """Poll `promql` until `predicate(result)` holds (default: non-empty); its result."""
+        deadline = time.monotonic() + timeout
+        while True:
+            result = self.query(promql)
+            if predicate(result):
+                return result
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"{promql}: still {result} after {timeout} s")
+            time.sleep(0.2)
+
+    def targets(self) -> list[dict[str, Any]]:
+        """Active scrape targets with their `health` ("up" / "down" / "unknown")."""
+        active: list[dict[str, Any]] = self._get("/api/v1/targets")["activeTargets"]
+        return active
+
+    def alerts(self) -> list[dict[str, Any]]:
+        """Pending and firing alerts: {"labels", "annotations", "state", ...}."""
+        alerts: list[dict[str, Any]] = self._get("/api/v1/alerts")["alerts"]
+        return alerts
+
+    def firing(self) -> set[str]:
+        """Names of the alerts in state "firing"."""
+        return {a["labels"]["alertname"] for a in self.alerts() if a["state"] == "firing"}
+
+
+def _wait_ready(proc: subprocess.Popen[bytes], client: httpx.Client, url: str, log: Path) -> None:
+    deadline = time.monotonic() + 30
+    while True:
+        if proc.poll() is not None:
+            raise RuntimeError(f"prometheus exited {proc.returncode}:\n{log.read_text()[-3000:]}")
+        with contextlib.suppress(httpx.TransportError):
+            if client.get(f"{url}/-/ready").status_code == 200:
+                return
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"prometheus not ready after 30 s:\n{log.read_text()[-3000:]}")
+        time.sleep(0.1)
+
+
+@contextlib.contextmanager
+def prometheus_server(
+    targets: Sequence[str] = (),
+    *,
+    rule_files: Sequence[Path] = (),
+    job: str = "loraplex",
+    metrics_path: str = "/metrics",
+    scrape_interval: str = "1s",
+    evaluation_interval: str = "1s",
+    extra_scrape_configs: Sequence[dict[str, Any]] = (),
+) -> Iterator[Prometheus]:
+    """Start Prometheus on a free port in a temp dir, scraping `targets` (host:port) as `job`;
+    yield it once /-/ready answers; stop it and delete its data afterwards (also on failure)."""
+    root = Path(tempfile.mkdtemp(prefix="loraplex-prom-"))
+    port = free_port()
+    scrape_configs: list[dict[str, Any]] = []
+    if targets:
+        scrape_configs.append(
+            {
+                "job_name": job,
+                "metrics_path": metrics_path,
+                "static_configs": [{"targets": [_target(t) for t in targets]}],
+            }
+        )
+    scrape_configs.extend(extra_scrape_configs)
+    config = {
+        "global": {
+            "scrape_interval": scrape_interval,
+            "scrape_timeout": scrape_interval,
+            "evaluation_interval": evaluation_interval,
+        },
+        "rule_files": [str(Path(p).resolve()) for p in rule_files],
+        "scrape_configs": scrape_configs,
+    }
+    (root / "prometheus.yml").write_text(yaml.safe_dump(config, sort_keys=False))
+    log = root / "prometheus.log"
+    url = f"http://127.0.0.1:{port}"
+    with log.open("wb") as log_file, httpx.Client(timeout=5.0) as client:
+        proc = subprocess.Popen(
+            [
+                prometheus_binary(),
+                f"--config.file={root / 'prometheus.yml'}",
+                f"--storage.tsdb.path={root / 'data'}",
+                f"--web.listen-address=127.0.0.1:{port}",
+                "--log.level=warn",
+            ],
+            stdout=log_file,
+            stderr=subprocess.STDOUT,
+            cwd=root,
+        )
+        try:
+            _wait_ready(proc, client, url, log)
+            yield Prometheus(url=url, root=root, client=client)
+        finally:
+            proc.terminate()
+            try:
+                proc.wait(10)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait(5)
+            shutil.rmtree(root, ignore_errors=True)
