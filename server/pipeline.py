@@ -150,9 +150,12 @@ async def generate(
     raw = await read_body(request, state.settings.max_body_bytes)
     body, parsed = parse_request(raw, schema)
     header = request.headers.get(ADAPTER_HEADER)
-    model, route_headers = await resolve_model(
+    model, route_headers, decision = await resolve_model(
         state, request, tenant, kind, body, header, parsed.model
     )
+    if decision is not None:
+        record.domain, record.confidence = decision.domain, decision.confidence
+        record.fallback = decision.fallback
     version = select_adapter(state, tenant, header, model)
     if tenant.quotas.requests_per_minute or tenant.quotas.tokens_per_minute:
         state.quotas.admit(tenant.name, tenant.quotas)

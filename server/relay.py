@@ -48,6 +48,12 @@ class RequestRecord:
     error_code: str | None = None
     status: int = 200
     completed: bool = False
+    # Auto-routing decision (None: not auto-routed) and experiment assignment, if any.
+    domain: str | None = None
+    confidence: float | None = None
+    fallback: bool = False
+    experiment: str | None = None
+    variant: str | None = None
     # Released / charged once in `finish`, whatever way the request ends.
     lease: Lease | None = None
     charge_tokens: Callable[[int], None] | None = None

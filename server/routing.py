@@ -141,23 +141,24 @@ async def resolve_model(
     body: dict[str, Any],
     header: str | None,
     model: str | None,
-) -> tuple[str | None, dict[str, str]]:
-    """The model name to select, and the response headers that tell how it was chosen.
+) -> tuple[str | None, dict[str, str], Decision | None]:
+    """The model name to select, the response headers that tell how it was chosen, and the
+    routing decision (None when the request was not auto-routed).
 
     An explicit adapter header wins; then `model="auto"`, or no model for a tenant whose
     routes say `auto: true`, is routed. Anything else (and "auto" while routing is off, which
     then is an unknown model) is left to the pipeline's selection unchanged.
     """
     if header is not None and header.strip():
-        return model, {}
+        return model, {}, None
     auto = get_auto_routing(request)
     if auto is None:
-        return model, {}
+        return model, {}, None
     if model != AUTO_MODEL and not (model in _UNNAMED and auto.policy.tenant_auto(tenant.name)):
-        return model, {}
+        return model, {}, None
     decision = await auto.decide(state, tenant, kind, body)
     headers = {
         "X-Loraplex-Domain": decision.domain or "none",
         "X-Loraplex-Confidence": f"{decision.confidence:.3f}",
     }
-    return decision.target, headers
+    return decision.target, headers, decision
