@@ -30,6 +30,8 @@ from server.auth import TenantDirectory, hash_key, read_tenants_file
 from server.base_model import BaseModelCache
 from server.engine_process import LocalEngine
 from server.errors import HTTP_STATUS_CODES, LoraplexError, error_payload
+from server.experiments.service import ExperimentService, FeedbackMemory
+from server.experiments.shadow import ShadowMirror
 from server.fastpath import GenerationFastPath
 from server.routes import admin, admin_tenants, health, openai
 from server.routing import AutoRouting
@@ -131,7 +133,18 @@ async def build_state(settings: Settings, engine_factory: EngineFactory | None) 
         BaseModelCache(reg.base_model_dir or settings.engine.model),
         allow_unknown_base=reg.allow_unknown_base,
     )
-    return GatewayState(settings, registry, residency, lifecycle, engine, metrics, tuple(admin))
+    exp = settings.experiments
+    return GatewayState(
+        settings,
+        registry,
+        residency,
+        lifecycle,
+        engine,
+        metrics,
+        tuple(admin),
+        ExperimentService(metrics, FeedbackMemory(exp.feedback_max_entries, exp.feedback_ttl_s)),
+        ShadowMirror(exp.shadow_max_concurrency),
+    )
 
 
 def read_adapters_file(path: Path | None) -> dict[str, str]:

@@ -6,8 +6,9 @@ steps (and which error wins) is in one place.
 
 from __future__ import annotations
 
+import time
 from functools import partial
-from typing import Any
+from typing import Any, Literal
 
 import orjson
 from pydantic import BaseModel, ValidationError
@@ -16,6 +17,7 @@ from starlette.responses import Response
 
 from adapters.loader import Lease
 from adapters.types import AdapterRef, AdapterVersion
+from router.experiments import Assignment
 from server.auth import Tenant
 from server.errors import (
     BadRequest,
@@ -26,6 +28,7 @@ from server.errors import (
     PayloadTooLarge,
     UpstreamError,
 )
+from server.experiments.service import Served
 from server.protocol import ChatCompletionRequest, CompletionRequest
 from server.relay import RequestRecord, SSEResponse, relay_events
 from server.routing import resolve_model
@@ -33,6 +36,7 @@ from server.state import GatewayState
 from server.upstream import UpstreamResponse, engine_message
 
 ADAPTER_HEADER = "x-loraplex-adapter"
+USER_HEADER = "x-loraplex-user"  # sticky experiment assignment key (else the API key)
 DEFAULT_MODEL_NAMES = frozenset({"", "default"})
 
 ENDPOINTS: dict[str, tuple[str, type[ChatCompletionRequest] | type[CompletionRequest]]] = {
@@ -118,6 +122,27 @@ def select_adapter(
     return version
 
 
+def _enter_experiment(
+    state: GatewayState, tenant: Tenant, assignment: Assignment, record: RequestRecord
+) -> None:
+    """Count the request for its variant and remember it for feedback."""
+    record.experiment, record.variant = assignment.experiment, assignment.variant
+    state.experiments.memory.remember(
+        record.request_id,
+        Served(tenant.name, assignment.experiment, assignment.variant, time.time()),
+    )
+
+
+def _shadow_version(
+    state: GatewayState, tenant: Tenant, model: str
+) -> AdapterVersion | Literal[False] | None:
+    """The shadow copy's version (None: base model), False when the tenant may not use it."""
+    try:
+        return select_adapter(state, tenant, None, model)
+    except ModelNotFound:
+        return False
+
+
 async def lease_for(state: GatewayState, version: AdapterVersion) -> Lease:
     """Hold `version` registered on the engine for the request (registering it if needed)."""
     if not state.engine_status.up:
@@ -156,7 +181,25 @@ async def generate(
     if decision is not None:
         record.domain, record.confidence = decision.domain, decision.confidence
         record.fallback = decision.fallback
-    version = select_adapter(state, tenant, header, model)
+    requested = header.strip() if header is not None and header.strip() else model
+    experiments = state.experiments.book(state.registry.snapshot)
+    assignment = None
+    if experiments:
+        domain = decision.domain if decision is not None and not decision.fallback else None
+        live = experiments.find(requested, domain, tenant.name)
+        if live is not None:
+            user = request.headers.get(USER_HEADER) or request.headers.get("authorization", "")
+            assignment = live.assign(tenant.name, user[:256], record.request_id)
+    version: AdapterVersion | None = None
+    if assignment is not None:
+        try:
+            version = select_adapter(state, tenant, None, assignment.model)
+        except ModelNotFound:  # the tenant may not use that variant: serve it as it asked
+            assignment = None
+        else:
+            _enter_experiment(state, tenant, assignment, record)
+    if assignment is None:
+        version = select_adapter(state, tenant, None, requested)
     if tenant.quotas.requests_per_minute or tenant.quotas.tokens_per_minute:
         state.quotas.admit(tenant.name, tenant.quotas)
         record.charge_tokens = partial(state.quotas.charge_tokens, tenant.name, tenant.quotas)
@@ -170,6 +213,15 @@ async def generate(
         adapter, label = record.lease.served_name, version.label
     body["model"] = adapter
     headers = {"X-Loraplex-Adapter": label, **route_headers}
+    if record.variant is not None and assignment is not None:
+        headers["X-Loraplex-Experiment"] = assignment.experiment
+        headers["X-Loraplex-Variant"] = record.variant
+        if assignment.shadow_variant is not None and assignment.shadow_model is not None:
+            shadow = _shadow_version(state, tenant, assignment.shadow_model)
+            if shadow is not False:
+                state.shadow.mirror(
+                    state, assignment.experiment, assignment.shadow_variant, shadow, path, body
+                )
 
     if not parsed.stream:
         resp = await state.engine.post(path, orjson.dumps(body))

@@ -107,6 +107,11 @@ class RequestRecord:
             m.child(m.prompt_tokens, self.tenant, self.adapter).inc(self.prompt_tokens)
         if self.completion_tokens:
             m.child(m.completion_tokens, self.tenant, self.adapter).inc(self.completion_tokens)
+        if self.experiment is not None and self.variant is not None:
+            ttft = None if self.first_event is None else self.first_event - self.started
+            m.observe_variant(
+                self.experiment, self.variant, self.status, elapsed, ttft, self.completion_tokens
+            )
         access_log.info(
             "request",
             extra={

@@ -90,6 +90,20 @@ class RouterSettings(BaseModel):
     max_chars: int = Field(500, ge=16)
 
 
+class ExperimentSettings(BaseModel):
+    """A/B experiments (docs/experiments.md): where the controller reads metrics, how often."""
+
+    # Production mode: the controller reads every replica's metrics through PromQL. Unset: it
+    # reads this process's own counters (right for a single replica).
+    prometheus_url: str | None = None
+    prometheus_timeout_s: float = 5.0
+    interval_s: float = Field(15.0, gt=0)
+    lease_ttl_s: float = Field(45.0, gt=0)
+    shadow_max_concurrency: int = Field(8, ge=0)
+    feedback_max_entries: int = Field(200_000, ge=1)
+    feedback_ttl_s: float = Field(86_400.0, gt=0)
+
+
 class Settings(BaseSettings):
     """Top-level gateway settings."""
 
@@ -109,6 +123,7 @@ class Settings(BaseSettings):
     engine: EngineSettings = Field(default_factory=EngineSettings)
     registry: RegistrySettings = Field(default_factory=RegistrySettings)
     router: RouterSettings = Field(default_factory=RouterSettings)
+    experiments: ExperimentSettings = Field(default_factory=ExperimentSettings)
 
     @field_validator("admin_key_sha256")
     @classmethod

@@ -13,6 +13,8 @@ from adapters.lifecycle import AdapterLifecycle
 from adapters.loader import Residency
 from adapters.registry import Registry
 from server.auth import TenantDirectory
+from server.experiments.service import ExperimentService
+from server.experiments.shadow import ShadowMirror
 from server.quotas import QuotaBook
 from server.settings import Settings
 from server.telemetry.metrics import GatewayMetrics
@@ -40,6 +42,8 @@ class GatewayState:
     engine: EngineClient
     metrics: GatewayMetrics
     admin_digests: tuple[str, ...]
+    experiments: ExperimentService
+    shadow: ShadowMirror
     quotas: QuotaBook = field(default_factory=QuotaBook)
     engine_status: EngineStatus = field(default_factory=EngineStatus)
     local_engine: LocalEngine | None = None

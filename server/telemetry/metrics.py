@@ -277,5 +277,25 @@ class GatewayMetrics:
             self.child(self.router_confidence, top_domain).observe(confidence)
             self.child(self.router_classify_seconds, classifier).observe(seconds)
 
+    def observe_variant(
+        self,
+        experiment: str,
+        variant: str,
+        status: int,
+        seconds: float,
+        ttft: float | None,
+        completion_tokens: int | None,
+    ) -> None:
+        """One request served by an experiment variant (live or shadow)."""
+        outcome = "ok" if status < 400 else "error" if status >= 500 else "client_error"
+        self.child(self.exp_requests, experiment, variant, outcome).inc()
+        if outcome == "client_error":
+            return  # the client's fault says nothing about the variant's latency or length
+        self.child(self.exp_latency, experiment, variant).observe(seconds)
+        if ttft is not None:
+            self.child(self.exp_ttft, experiment, variant).observe(ttft)
+        if completion_tokens is not None and outcome == "ok":
+            self.child(self.exp_completion_tokens, experiment, variant).observe(completion_tokens)
+
     def render(self) -> bytes:
         return generate_latest(self.registry)
