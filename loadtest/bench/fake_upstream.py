@@ -3,12 +3,16 @@
 Used so that only proxy cost is measured. Streams send EVENTS text events (plus a usage chunk
 when `stream_options.include_usage` asks for it, as vLLM does) and count what they sent, so a
 benchmark can compare events sent with events received (`GET /stats`, `POST /stats/reset`).
+`POST /faults` injects a regression for tests: requests whose model starts with `prefix` fail
+(HTTP 500) with probability `error_rate` and are delayed by `delay_ms` (`{}` clears it).
 `python -m loadtest.bench.fake_upstream --port 9100`.
 """
 
 from __future__ import annotations
 
 import argparse
+import asyncio
+import random
 
 import orjson
 from aiohttp import web
@@ -52,10 +56,17 @@ EVENTS = 16
 def build_app() -> web.Application:
     adapters: set[str] = set()
     sent = {"requests": 0, "streams": 0, "events": 0}
+    faults: dict[str, dict[str, float]] = {}
 
     async def generate(request: web.Request) -> web.StreamResponse:
         body = orjson.loads(await request.read())
         sent["requests"] += 1
+        for prefix, fault in faults.items():
+            if str(body.get("model", "")).startswith(prefix):
+                if fault.get("delay_ms"):
+                    await asyncio.sleep(fault["delay_ms"] / 1000)
+                if random.random() < fault.get("error_rate", 0.0):  # noqa: S311 (not crypto)
+                    return web.json_response({"error": {"message": "injected"}}, status=500)
         if not body.get("stream"):
             chat = request.path.endswith("/chat/completions")
             return web.Response(
@@ -79,6 +90,16 @@ def build_app() -> web.Application:
         for k in sent:
             sent[k] = 0
         return web.json_response(sent)
+
+    async def set_faults(request: web.Request) -> web.Response:
+        spec = await request.json()
+        faults.clear()
+        if spec.get("prefix"):
+            faults[spec["prefix"]] = {
+                "error_rate": float(spec.get("error_rate", 0.0)),
+                "delay_ms": float(spec.get("delay_ms", 0.0)),
+            }
+        return web.json_response(faults)
 
     async def models(_: web.Request) -> web.Response:
         data = [{"id": n, "object": "model"} for n in ["base", *sorted(adapters)]]
@@ -106,6 +127,7 @@ def build_app() -> web.Application:
             web.get("/health", health),
             web.get("/stats", stats),
             web.post("/stats/reset", reset),
+            web.post("/faults", set_faults),
         ]
     )
     return app
