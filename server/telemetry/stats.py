@@ -67,6 +67,66 @@ def two_proportion_z(
     return Significance(z, normal_sf(z))
 
 
+def _log_hypergeom(k: int, population: int, successes: int, draws: int) -> float:
+    """log P(X = k), X ~ Hypergeometric(population, successes, draws)."""
+
+    def log_comb(n: int, r: int) -> float:
+        return math.lgamma(n + 1) - math.lgamma(r + 1) - math.lgamma(n - r + 1)
+
+    return (
+        log_comb(successes, k)
+        + log_comb(population - successes, draws - k)
+        - log_comb(population, draws)
+    )
+
+
+def fisher_exact_greater(
+    control_events: float, control_n: float, candidate_events: float, candidate_n: float
+) -> Significance:
+    """One-sided Fisher exact test of H1: candidate rate > control rate; the statistic is the
+    candidate's rate minus the control's.
+
+    Conditional on the total number of events, the candidate's count is hypergeometric under
+    H0; p = P(X >= observed). Exact where the z-test is not: at a 1 % error rate 200 requests
+    hold ~2 errors, and the pooled z-test then rejects a healthy candidate several times more
+    often than its level says. Fractional counts (`increase()` extrapolates) are rounded. The
+    tail is summed from the observed count until its terms stop mattering, so the cost grows
+    with the square root of the event count, not with it.
+    """
+    for events, n in ((control_events, control_n), (candidate_events, candidate_n)):
+        if not 0.0 <= events <= n or math.isinf(n):
+            raise ValueError(f"need 0 <= events <= trials, got {events!r} of {n!r}")
+    n1, n2 = round(control_n), round(candidate_n)
+    e1, e2 = min(round(control_events), n1), min(round(candidate_events), n2)
+    if n1 <= 0 or n2 <= 0:
+        return NO_EVIDENCE
+    diff = e2 / n2 - e1 / n1
+    total = e1 + e2
+    population = n1 + n2
+    if total in (0, population):
+        return Significance(diff, 1.0)
+    mode = (total + 1) * (n2 + 1) // (population + 2)
+
+    def tail(ks: range) -> float:
+        """Sum of P(X = k) over ks, along which the terms decrease (away from the mode)."""
+        if not ks:
+            return 0.0
+        log_first = _log_hypergeom(ks[0], population, total, n2)
+        acc = 0.0
+        for k in ks:
+            term = math.exp(_log_hypergeom(k, population, total, n2) - log_first)
+            acc += term
+            if term < 1e-17 * acc:
+                break
+        return acc * math.exp(log_first)
+
+    if e2 > mode:
+        p = tail(range(e2, min(total, n2) + 1))
+    else:  # the upper tail holds the mode: one minus the lower tail instead
+        p = 1.0 - tail(range(e2 - 1, max(0, total - n1) - 1, -1))
+    return Significance(diff, min(max(p, 0.0), 1.0))
+
+
 def mann_whitney_binned(
     control: Sequence[float], candidate: Sequence[float], *, continuity: bool = True
 ) -> Significance:
