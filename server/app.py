@@ -34,6 +34,8 @@ from server.experiments.service import ExperimentService, FeedbackMemory
 from server.experiments.shadow import ShadowMirror
 from server.fastpath import GenerationFastPath
 from server.routes import admin, admin_tenants, health, openai
+from server.routes.admin_drift import router as drift_router
+from server.routes.admin_drift import start_drift, sync_drift
 from server.routing import AutoRouting
 from server.settings import Settings
 from server.state import GatewayState
@@ -54,6 +56,7 @@ def create_app(settings: Settings, engine_factory: EngineFactory | None = None) 
         app.state.loraplex = state
         try:
             app.state.loraplex_router = AutoRouting.start(settings)  # model="auto" (None: off)
+            await start_drift(state, app.state.loraplex_router)
             if settings.engine.mode == "local":
                 state.local_engine = LocalEngine(settings.engine)
                 await state.local_engine.start()
@@ -80,6 +83,7 @@ def create_app(settings: Settings, engine_factory: EngineFactory | None = None) 
     app.include_router(openai.router)
     app.include_router(admin.router)
     app.include_router(admin_tenants.router)
+    app.include_router(drift_router)
     app.include_router(health.router)
     _install_error_handlers(app)
     app.add_middleware(GenerationFastPath)  # inner: runs after the request id is set
@@ -233,6 +237,7 @@ async def follow_registry(state: GatewayState) -> None:
         return
     if not changed:
         return
+    await sync_drift(state)  # another replica may have set or reset a drift reference
     versions = state.registry.snapshot.versions
     for slot in state.residency.slots():
         version = versions.get((slot.version.name, slot.version.version))

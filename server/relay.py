@@ -19,6 +19,7 @@ from starlette.types import Receive, Scope, Send
 
 from adapters.loader import Lease
 from server.errors import LoraplexError, UpstreamError
+from server.telemetry.drift import DriftMonitor
 from server.telemetry.metrics import GatewayMetrics
 from server.upstream import UpstreamStream
 
@@ -57,6 +58,7 @@ class RequestRecord:
     # Released / charged once in `finish`, whatever way the request ends.
     lease: Lease | None = None
     charge_tokens: Callable[[int], None] | None = None
+    drift: DriftMonitor | None = None  # observes the finished request (telemetry/drift.py)
     _admitted: bool = False
     _finished: bool = False
 
@@ -111,6 +113,16 @@ class RequestRecord:
             ttft = None if self.first_event is None else self.first_event - self.started
             m.observe_variant(
                 self.experiment, self.variant, self.status, elapsed, ttft, self.completion_tokens
+            )
+        if self.drift is not None and self._admitted:
+            self.drift.observe(
+                self.tenant,
+                self.domain,
+                self.confidence,
+                self.fallback,
+                self.prompt_tokens,
+                self.completion_tokens,
+                self.status >= 500,
             )
         access_log.info(
             "request",

@@ -13,6 +13,8 @@ from urllib.parse import urlsplit
 from pydantic import BaseModel, Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from server.telemetry.drift import DriftSettings
+
 
 class EngineSettings(BaseModel):
     """Where the vLLM engine is, and how to start it when the gateway supervises it."""
@@ -124,6 +126,7 @@ class Settings(BaseSettings):
     registry: RegistrySettings = Field(default_factory=RegistrySettings)
     router: RouterSettings = Field(default_factory=RouterSettings)
     experiments: ExperimentSettings = Field(default_factory=ExperimentSettings)
+    drift: DriftSettings = Field(default_factory=DriftSettings)
 
     @field_validator("admin_key_sha256")
     @classmethod

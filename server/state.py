@@ -17,6 +17,7 @@ from server.experiments.service import ExperimentService
 from server.experiments.shadow import ShadowMirror
 from server.quotas import QuotaBook
 from server.settings import Settings
+from server.telemetry.drift import DriftMonitor
 from server.telemetry.metrics import GatewayMetrics
 from server.upstream import EngineClient
 
@@ -47,6 +48,7 @@ class GatewayState:
     quotas: QuotaBook = field(default_factory=QuotaBook)
     engine_status: EngineStatus = field(default_factory=EngineStatus)
     local_engine: LocalEngine | None = None
+    drift: DriftMonitor | None = None  # traffic drift per tenant (None: off)
     # Set when a request finds an adapter missing on the engine: the watcher reconciles now.
     reconcile_wanted: asyncio.Event = field(default_factory=asyncio.Event)
     _tasks: set[asyncio.Task[object]] = field(default_factory=set)

@@ -41,7 +41,9 @@ _ERRORS: dict[int | str, dict[str, Any]] = {
 async def serve_generation(request: Request, kind: str) -> Response:
     """Authenticate, run the pipeline, account the request (also the ASGI fast path's entry)."""
     state = get_state(request)
-    record = RequestRecord(state.metrics, request.state.request_id, "anonymous", kind, stream=False)
+    record = RequestRecord(
+        state.metrics, request.state.request_id, "anonymous", kind, stream=False, drift=state.drift
+    )
     try:
         tenant = state.tenants.authenticate(request.headers.get("authorization"))
         record.admit(tenant.name)

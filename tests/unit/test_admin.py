@@ -42,6 +42,8 @@ ROUTES: list[tuple[str, str, dict[str, Any] | None]] = [
     ("POST", "/admin/v1/tenants/acme/rotate-key", {}),
     ("DELETE", "/admin/v1/tenants/acme", None),
     ("GET", "/admin/v1/audit", None),
+    ("GET", "/admin/v1/drift", None),
+    ("POST", "/admin/v1/drift/acme/reference", {"reset": True}),
 ]
 
 
