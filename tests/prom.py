@@ -3,7 +3,10 @@ it). It scrapes the given targets every second and evaluates the given rule file
 check what a real Prometheus sees of the gateway: series names and labels after a scrape,
 `increase()`/`histogram_quantile()` over them, and alerts that fire from deploy/prometheus rules.
 The first scrape lands about 5 s after start (Prometheus hands new targets to its scrape loops
-on a fixed 5 s tick, not configurable in 2.42), then every `scrape_interval`.
+on a fixed 5 s tick, not configurable in 2.42), then every `scrape_interval`. Tests that need
+known data at once load it instead: `Backfill` records registry snapshots at chosen timestamps,
+`promtool tsdb create-blocks-from openmetrics` turns them into blocks before the server starts,
+and `query(..., at=t)` reads them back (no scrape, no waiting).
 
     with prometheus_server(["127.0.0.1:8000"], rule_files=[ALERTS]) as prom:
         prom.wait_for('loraplex_requests_total{status="200"}')
@@ -18,7 +21,7 @@ import shutil
 import subprocess
 import tempfile
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -27,6 +30,7 @@ from urllib.parse import urlsplit
 import httpx
 import pytest
 import yaml
+from prometheus_client.metrics_core import Metric
 
 from tests.servers import free_port
 
@@ -64,6 +68,47 @@ def _target(target: str) -> str:
     return parts.netloc
 
 
+class Backfill:
+    """Samples at chosen timestamps, as OpenMetrics text for `promtool tsdb create-blocks-from`.
+
+    `snapshot(registry.collect(), at)` records every sample of the families at `at` (Unix
+    seconds); snapshot twice, some seconds apart, for `rate()`/`increase()` to have two points.
+    Timestamps must be within the server's retention (15 days) and before its start.
+    """
+
+    def __init__(self) -> None:
+        # family name → (type, help, {(sample name, sorted labels) → ["value at", ...]})
+        self._families: dict[
+            str, tuple[str, str, dict[tuple[str, tuple[tuple[str, str], ...]], list[str]]]
+        ] = {}
+
+    def snapshot(self, families: Iterable[Metric], at: float) -> None:
+        for family in families:
+            typ = family.type if family.type in ("counter", "gauge", "histogram") else "unknown"
+            _, _, series = self._families.setdefault(family.name, (typ, family.documentation, {}))
+            for sample in family.samples:
+                if sample.name.endswith("_created"):
+                    continue
+                key = (sample.name, tuple(sorted(sample.labels.items())))
+                series.setdefault(key, []).append(f"{sample.value!r} {at:.3f}")
+
+    def text(self) -> str:
+        lines: list[str] = []
+        for name, (typ, doc, series) in self._families.items():
+            lines.append(f"# HELP {name} {_escape(doc)}")
+            lines.append(f"# TYPE {name} {typ}")
+            for (sample, labels), points in series.items():
+                selector = ",".join(f'{k}="{_escape(v)}"' for k, v in labels)
+                head = f"{sample}{{{selector}}}" if selector else sample
+                lines.extend(f"{head} {point}" for point in points)
+        lines.append("# EOF")
+        return "\n".join(lines) + "\n"
+
+
+def _escape(value: str) -> str:
+    return value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+
+
 @dataclass
 class Prometheus:
     """A running server: its base URL and a few calls of the HTTP API (v1)."""
@@ -79,17 +124,21 @@ class Prometheus:
             raise RuntimeError(f"prometheus {path} {params}: {response.status_code} {body}")
         return body["data"]
 
-    def query(self, promql: str) -> list[Sample]:
-        """Instant query; the result vector (a scalar result comes back as one sample)."""
-        data = self._get("/api/v1/query", query=promql)
+    def query(self, promql: str, *, at: float | None = None) -> list[Sample]:
+        """Instant query (now, or at Unix time `at`); the result vector (a scalar result comes
+        back as one sample)."""
+        params = {"query": promql}
+        if at is not None:
+            params["time"] = f"{at:.3f}"
+        data = self._get("/api/v1/query", **params)
         if data["resultType"] in ("scalar", "string"):
             return [{"metric": {}, "value": data["result"]}]
         result: list[Sample] = data["result"]
         return result
 
-    def value(self, promql: str) -> float | None:
+    def value(self, promql: str, *, at: float | None = None) -> float | None:
         """The single sample's value of an instant query, or None when the result is empty."""
-        result = self.query(promql)
+        result = self.query(promql, at=at)
         if not result:
             return None
         if len(result) > 1:
@@ -151,10 +200,61 @@ def prometheus_server(
     scrape_interval: str = "1s",
     evaluation_interval: str = "1s",
     extra_scrape_configs: Sequence[dict[str, Any]] = (),
+    backfill: Backfill | None = None,
 ) -> Iterator[Prometheus]:
-    """Start Prometheus on a free port in a temp dir, scraping `targets` (host:port) as `job`;
-    yield it once /-/ready answers; stop it and delete its data afterwards (also on failure)."""
+    """Start Prometheus on a free port in a temp dir, scraping `targets` (host:port) as `job`
+    and holding `backfill`'s samples; yield it once /-/ready answers; stop it and delete its
+    data afterwards (also on failure)."""
     root = Path(tempfile.mkdtemp(prefix="loraplex-prom-"))
+    try:
+        if backfill is not None:
+            _create_blocks(backfill, root)
+        with _running(
+            root,
+            targets,
+            rule_files,
+            job,
+            metrics_path,
+            scrape_interval,
+            evaluation_interval,
+            extra_scrape_configs,
+        ) as prom:
+            yield prom
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+
+
+def _create_blocks(backfill: Backfill, root: Path) -> None:
+    source = root / "backfill.om"
+    source.write_text(backfill.text())
+    done = subprocess.run(
+        [
+            prometheus_binary("promtool"),
+            "tsdb",
+            "create-blocks-from",
+            "openmetrics",
+            str(source),
+            str(root / "data"),
+        ],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    if done.returncode != 0:
+        raise RuntimeError(f"promtool create-blocks-from: {done.stdout}{done.stderr}")
+
+
+@contextlib.contextmanager
+def _running(
+    root: Path,
+    targets: Sequence[str],
+    rule_files: Sequence[Path],
+    job: str,
+    metrics_path: str,
+    scrape_interval: str,
+    evaluation_interval: str,
+    extra_scrape_configs: Sequence[dict[str, Any]],
+) -> Iterator[Prometheus]:
     port = free_port()
     scrape_configs: list[dict[str, Any]] = []
     if targets:
@@ -201,4 +301,3 @@ def prometheus_server(
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait(5)
-            shutil.rmtree(root, ignore_errors=True)

@@ -5,11 +5,12 @@ from __future__ import annotations
 import contextlib
 import http.server
 import threading
+import time
 from collections.abc import Iterator
 
-from prometheus_client import CollectorRegistry, Counter, generate_latest
+from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 
-from tests.prom import prometheus_server, require_binary
+from tests.prom import Backfill, prometheus_server, require_binary
 
 
 @contextlib.contextmanager
@@ -55,3 +56,27 @@ def test_scrapes_a_target_and_answers_queries() -> None:
         assert prom.value("scalar(vector(2))") == 2.0
         assert prom.value("absent_metric_xyz") is None
         assert prom.firing() == set()
+
+
+def test_backfilled_samples_answer_at_their_time() -> None:
+    require_binary("promtool")
+    registry = CollectorRegistry()
+    hits = Counter("loraplex_demo_hits", 'Demo "counter".', ["kind"], registry=registry)
+    latency = Histogram("loraplex_demo_seconds", "Demo.", buckets=(0.1, 1.0), registry=registry)
+    t0 = float(int(time.time()) - 3600)
+    backfill = Backfill()
+    hits.labels('a"b').inc(1)
+    latency.observe(0.05)
+    backfill.snapshot(registry.collect(), t0)
+    hits.labels('a"b').inc(60)
+    latency.observe(0.5)
+    backfill.snapshot(registry.collect(), t0 + 60)
+    with prometheus_server(backfill=backfill) as prom:
+        at = t0 + 60
+        assert prom.value('loraplex_demo_hits_total{kind="a\\"b"}', at=at) == 61.0
+        rate = prom.value("sum(rate(loraplex_demo_hits_total[5m]))", at=at)
+        assert rate is not None
+        assert rate > 0
+        assert prom.value('loraplex_demo_seconds_bucket{le="1.0"}', at=at) == 2.0
+        assert prom.value("loraplex_demo_seconds_count", at=at) == 2.0
+        assert prom.query("loraplex_demo_hits_total", at=t0 - 600) == []
