@@ -1,10 +1,16 @@
 """TF-IDF (word + character n-grams) + logistic regression, the default classifier.
 
 Fitted with scikit-learn (`router.training`), but served by this module with its own analyzers
-and a numpy dot product over the fitted vocabulary: scikit-learn takes ~1 s to import and
-~0.3 ms per single-string `predict_proba`, this path takes a few tens of µs (docs/router.md).
-The analyzers replicate scikit-learn's `word` (token pattern `(?u)\\b\\w\\w+\\b`) and
-`char_wb` analyzers exactly; tests/unit/test_router_tfidf.py checks both agree.
+and a sparse dot product over the fitted vocabulary: scikit-learn takes ~1 s to import and
+~0.3 ms per single-string `predict_proba`, this path takes a few µs to a few tens of µs
+(docs/router.md). The analyzers replicate scikit-learn's `word` (token pattern
+`(?u)\\b\\w\\w+\\b`) and `char_wb` analyzers exactly; tests/unit/test_router_tfidf.py checks
+both agree.
+
+A prompt hits a few dozen vocabulary columns. numpy's fixed cost per call (~1 µs each, a dozen
+calls per block, and `np.unique`'s sort) dominates at that size, so a block with few columns
+is scored in pure Python over precomputed rows (idf times weights per column); numpy takes over for
+long inputs, where its per-element speed wins (docs/benchmarks.md, "What was optimised").
 """
 
 from __future__ import annotations
@@ -12,6 +18,7 @@ from __future__ import annotations
 import json
 import math
 import re
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -57,6 +64,9 @@ def padded_word_ngrams(word: str, lo: int, hi: int) -> list[str]:
 
 
 WORD_CACHE_SIZE = 50_000
+# Above this many n-gram hits in one block, numpy's vectorised path is faster than the pure
+# Python one (crossover measured at ~130-160 on the default routes' model, 5 domains).
+SPARSE_MAX_COLUMNS = 128
 
 
 @dataclass
@@ -106,6 +116,11 @@ class TfidfClassifier:
         self.idf = idf
         self.head = head
         self.meta = meta
+        # Per column: idf times the column's weight per domain, and idf² (the l2 norm's terms), as
+        # Python floats for the pure-Python path. Built once (a few ms for ~16k columns).
+        self._rows: list[tuple[float, ...]] = list(map(tuple, (idf[:, None] * head.coef).tolist()))
+        self._idf2: list[float] = (idf * idf).tolist()
+        self._intercept: list[float] = head.intercept.tolist()
 
     @property
     def domains(self) -> tuple[str, ...]:
@@ -117,23 +132,56 @@ class TfidfClassifier:
 
     def probabilities(self, text: str) -> FloatArray:
         """Per block: sublinear tf times idf over the n-grams found, l2-normalised (as
-        scikit-learn's TfidfVectorizer), then one gather-and-dot with the weights."""
+        scikit-learn's TfidfVectorizer), dotted with the weights; then the softmax."""
+        return np.array(self._probabilities(text))
+
+    def classify(self, text: str) -> Prediction:
+        probs = self._probabilities(text)
+        best = max(range(len(probs)), key=probs.__getitem__)  # the first of ties, as argmax
+        return Prediction(self.head.domains[best], probs[best])
+
+    def _probabilities(self, text: str) -> list[float]:
         text = text.lower()
-        logits = self.head.intercept.copy()
+        logits = self._intercept
         for block in self.blocks:
             cols = block.columns(text)
             if not cols:
                 continue
-            index, counts = np.unique(np.array(cols), return_counts=True)
-            w = (1.0 + np.log(counts)) * self.idf[index]
-            w /= math.sqrt(float(w @ w))
-            logits += w @ self.head.coef[index]
-        return self.head.probabilities(logits)
+            if len(cols) <= SPARSE_MAX_COLUMNS:
+                logits = self._sparse_logits(cols, logits)
+            else:
+                logits = self._dense_logits(cols, logits)
+        top = max(logits)
+        e = [math.exp(z - top) for z in logits]
+        total = sum(e)
+        return [x / total for x in e]
 
-    def classify(self, text: str) -> Prediction:
-        probs = self.probabilities(text)
-        best = int(probs.argmax())
-        return Prediction(self.head.domains[best], float(probs[best]))
+    def _sparse_logits(self, cols: list[int], logits: list[float]) -> list[float]:
+        """`logits` + this block's contribution, in pure Python. A column seen n times has tf
+        1 + ln(n): its row counts once, plus ln(n) times more as an extra row."""
+        rows, idf2 = self._rows, self._idf2
+        if len(set(cols)) == len(cols):  # the common case: no repeated n-gram
+            sq = sum(map(idf2.__getitem__, cols))
+            vecs = list(map(rows.__getitem__, cols))
+        else:
+            counts = Counter(cols)
+            sq = sum(map(idf2.__getitem__, counts))
+            vecs = list(map(rows.__getitem__, counts))
+            for col, n in counts.items():
+                if n > 1:
+                    extra = math.log(n)  # tf - 1
+                    vecs.append(tuple([x * extra for x in rows[col]]))
+                    sq += extra * (2.0 + extra) * idf2[col]  # tf² - 1
+        inv = 1.0 / math.sqrt(sq)
+        return [z + s * inv for z, s in zip(logits, map(sum, zip(*vecs, strict=True)), strict=True)]
+
+    def _dense_logits(self, cols: list[int], logits: list[float]) -> list[float]:
+        """The same with numpy, for long inputs."""
+        index, counts = np.unique(np.array(cols), return_counts=True)
+        w = (1.0 + np.log(counts)) * self.idf[index]
+        w /= math.sqrt(float(w @ w))
+        contribution: list[float] = (w @ self.head.coef[index]).tolist()
+        return [z + c for z, c in zip(logits, contribution, strict=True)]
 
     def save(self, path: Path) -> None:
         """One `.npz` (no pickle): vocabularies, idf, weights and a JSON header."""
