@@ -9,8 +9,9 @@ fallbacks or errors) the operator should hear it before the users do, and get a 
   starts collecting a new first-N reference.
 - Current window: the last `window_size` requests (optionally also no older than
   `window_max_age_s`), kept as a ring buffer plus counters, so `observe` is O(1).
-- Statistics, recomputed at most every `evaluate_every` requests of a tenant or every
-  `evaluate_interval_s` (also at scrape time, so an aging window updates without traffic): PSI and
+- Statistics, recomputed after `evaluate_every` requests of a tenant or `evaluate_interval_s`,
+  and at a scrape / admin read when requests arrived since (gauges are never staler than the
+  scrape; an aging window updates without traffic), not per request: PSI and
   Jensen-Shannon divergence of the domain mix, mean router confidence and the share under
   `low_confidence_threshold`, PSI and binned KS of prompt and completion lengths (fixed log2
   bins), fallback rate and error rate.
