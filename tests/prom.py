@@ -21,7 +21,7 @@ import shutil
 import subprocess
 import tempfile
 import time
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -82,14 +82,18 @@ class Backfill:
             str, tuple[str, str, dict[tuple[str, tuple[tuple[str, str], ...]], list[str]]]
         ] = {}
 
-    def snapshot(self, families: Iterable[Metric], at: float) -> None:
+    def snapshot(
+        self, families: Iterable[Metric], at: float, labels: Mapping[str, str] | None = None
+    ) -> None:
+        """`labels`: added to every sample, as a scrape adds job and instance."""
+        extra = dict(labels or {})
         for family in families:
             typ = family.type if family.type in ("counter", "gauge", "histogram") else "unknown"
             _, _, series = self._families.setdefault(family.name, (typ, family.documentation, {}))
             for sample in family.samples:
                 if sample.name.endswith("_created"):
                     continue
-                key = (sample.name, tuple(sorted(sample.labels.items())))
+                key = (sample.name, tuple(sorted({**sample.labels, **extra}.items())))
                 series.setdefault(key, []).append(f"{sample.value!r} {at:.3f}")
 
     def text(self) -> str:
@@ -205,57 +209,6 @@ def prometheus_server(
     """Start Prometheus on a free port in a temp dir, scraping `targets` (host:port) as `job`
     and holding `backfill`'s samples; yield it once /-/ready answers; stop it and delete its
     data afterwards (also on failure)."""
-    root = Path(tempfile.mkdtemp(prefix="loraplex-prom-"))
-    try:
-        if backfill is not None:
-            _create_blocks(backfill, root)
-        with _running(
-            root,
-            targets,
-            rule_files,
-            job,
-            metrics_path,
-            scrape_interval,
-            evaluation_interval,
-            extra_scrape_configs,
-        ) as prom:
-            yield prom
-    finally:
-        shutil.rmtree(root, ignore_errors=True)
-
-
-def _create_blocks(backfill: Backfill, root: Path) -> None:
-    source = root / "backfill.om"
-    source.write_text(backfill.text())
-    done = subprocess.run(
-        [
-            prometheus_binary("promtool"),
-            "tsdb",
-            "create-blocks-from",
-            "openmetrics",
-            str(source),
-            str(root / "data"),
-        ],
-        capture_output=True,
-        text=True,
-        check=False,
-    )
-    if done.returncode != 0:
-        raise RuntimeError(f"promtool create-blocks-from: {done.stdout}{done.stderr}")
-
-
-@contextlib.contextmanager
-def _running(
-    root: Path,
-    targets: Sequence[str],
-    rule_files: Sequence[Path],
-    job: str,
-    metrics_path: str,
-    scrape_interval: str,
-    evaluation_interval: str,
-    extra_scrape_configs: Sequence[dict[str, Any]],
-) -> Iterator[Prometheus]:
-    port = free_port()
     scrape_configs: list[dict[str, Any]] = []
     if targets:
         scrape_configs.append(
@@ -275,7 +228,35 @@ def _running(
         "rule_files": [str(Path(p).resolve()) for p in rule_files],
         "scrape_configs": scrape_configs,
     }
-    (root / "prometheus.yml").write_text(yaml.safe_dump(config, sort_keys=False))
+    root = Path(tempfile.mkdtemp(prefix="loraplex-prom-"))
+    try:
+        (root / "prometheus.yml").write_text(yaml.safe_dump(config, sort_keys=False))
+        if backfill is not None:
+            _create_blocks(backfill, root)
+        with _running(root) as prom:
+            yield prom
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+
+
+def _create_blocks(backfill: Backfill, root: Path) -> None:
+    source = root / "backfill.om"
+    source.write_text(backfill.text())
+    blocks = [str(source), str(root / "data")]
+    done = subprocess.run(
+        [prometheus_binary("promtool"), "tsdb", "create-blocks-from", "openmetrics", *blocks],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    if done.returncode != 0:
+        raise RuntimeError(f"promtool create-blocks-from: {done.stdout}{done.stderr}")
+
+
+@contextlib.contextmanager
+def _running(root: Path) -> Iterator[Prometheus]:
+    """The server on root/prometheus.yml and root/data; terminated on the way out."""
+    port = free_port()
     log = root / "prometheus.log"
     url = f"http://127.0.0.1:{port}"
     with log.open("wb") as log_file, httpx.Client(timeout=5.0) as client:
