@@ -1,11 +1,21 @@
-"""Structured logging: one JSON object per line, extra fields included, never request bodies."""
+"""Structured logging: one JSON object per line, extra fields included, never request bodies.
+
+Every request logs one access line, so the handler keeps that cheap: lines logged on the event
+loop's thread are formatted and written once per loop iteration, after the callback that logged
+them (a non-streaming answer is on the socket by then, so the line costs it no latency), and
+all the lines of one iteration go out in one write instead of one write and flush each. Lines
+from other threads, lines with a traceback, and lines logged with no running loop are written
+at once, after anything still pending (the order of lines is kept). `flush()` (called by
+`logging.shutdown` at exit) writes whatever is pending.
+"""
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import sys
 import time
-from typing import Any
+from typing import Any, TextIO
 
 import orjson
 
@@ -35,8 +45,54 @@ class JsonFormatter(logging.Formatter):
         return orjson.dumps(out, default=str).decode()
 
 
+class LoopBatchingHandler(logging.StreamHandler[TextIO]):
+    """A StreamHandler that batches the lines logged on the event loop (module docstring)."""
+
+    def __init__(self, stream: TextIO) -> None:
+        super().__init__(stream)
+        self._pending: list[logging.LogRecord] = []
+        self._scheduled_on: asyncio.AbstractEventLoop | None = None
+
+    def emit(self, record: logging.LogRecord) -> None:
+        # Called with the handler's lock held (Handler.handle).
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            loop = None
+        if loop is None or record.exc_info or record.stack_info:
+            self.flush()
+            super().emit(record)
+            return
+        if record.args:  # render now: the arguments may change before the line is written
+            record.msg, record.args = record.getMessage(), None
+        self._pending.append(record)
+        if self._scheduled_on is not loop:
+            self._scheduled_on = loop
+            loop.call_soon(self.flush)
+
+    def flush(self) -> None:
+        self.acquire()
+        try:
+            self._scheduled_on = None
+            pending, self._pending = self._pending, []
+            if pending:
+                lines = []
+                for record in pending:
+                    try:
+                        lines.append(self.format(record) + self.terminator)
+                    except Exception:
+                        self.handleError(record)
+                try:
+                    self.stream.write("".join(lines))
+                except Exception:
+                    self.handleError(pending[-1])
+            super().flush()
+        finally:
+            self.release()
+
+
 def configure_logging(level: str) -> None:
-    handler = logging.StreamHandler(sys.stderr)
+    handler = LoopBatchingHandler(sys.stderr)
     handler.setFormatter(JsonFormatter())
     root = logging.getLogger("loraplex")
     root.handlers[:] = [handler]

@@ -152,10 +152,17 @@ class Fleet:
         self.logdir = logdir
         self.procs: dict[str, subprocess.Popen[bytes]] = {}
 
-    def start(self, name: str, cmd: list[str], env: dict[str, str] | None = None) -> None:
+    def start(
+        self, name: str, cmd: list[str], env: dict[str, str] | None = None, cwd: Path | None = None
+    ) -> None:
+        """Start `cmd` (in `cwd`: `python -m` then imports that tree's code) logging to a file."""
         with (self.logdir / f"{name}.log").open("wb") as log:
             self.procs[name] = subprocess.Popen(
-                cmd, env={**os.environ, **(env or {})}, stdout=log, stderr=subprocess.STDOUT
+                cmd,
+                env={**os.environ, **(env or {})},
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                cwd=cwd,
             )
 
     def adopt(self, name: str, proc: subprocess.Popen[bytes]) -> None:
