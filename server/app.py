@@ -30,10 +30,11 @@ from server.auth import TenantDirectory, hash_key, read_tenants_file
 from server.base_model import BaseModelCache
 from server.engine_process import LocalEngine
 from server.errors import HTTP_STATUS_CODES, LoraplexError, error_payload
+from server.experiments.controller import start_controller
 from server.experiments.service import ExperimentService, FeedbackMemory
 from server.experiments.shadow import ShadowMirror
 from server.fastpath import GenerationFastPath
-from server.routes import admin, admin_tenants, health, openai
+from server.routes import admin, admin_experiments, admin_tenants, feedback, health, openai
 from server.routes.admin_drift import router as drift_router
 from server.routes.admin_drift import start_drift, sync_drift
 from server.routing import AutoRouting
@@ -61,12 +62,16 @@ def create_app(settings: Settings, engine_factory: EngineFactory | None = None) 
                 state.local_engine = LocalEngine(settings.engine)
                 await state.local_engine.start()
             watcher = asyncio.create_task(watch_engine(state), name="engine-watcher")
+            state.controller = start_controller(state)
+            controller = asyncio.create_task(state.controller.run(), name="experiments")
             try:
                 yield
             finally:
-                watcher.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await watcher
+                for task in (watcher, controller):
+                    task.cancel()
+                    with contextlib.suppress(asyncio.CancelledError):
+                        await task
+                await state.controller.close()
                 if state.local_engine is not None:
                     await state.local_engine.stop()
         finally:
@@ -84,6 +89,8 @@ def create_app(settings: Settings, engine_factory: EngineFactory | None = None) 
     app.include_router(admin.router)
     app.include_router(admin_tenants.router)
     app.include_router(drift_router)
+    app.include_router(admin_experiments.router)
+    app.include_router(feedback.router)
     app.include_router(health.router)
     _install_error_handlers(app)
     app.add_middleware(GenerationFastPath)  # inner: runs after the request id is set

@@ -1,4 +1,4 @@
-"""`loraplex adapters|tenants|audit ...`: an operator CLI over the admin API (httpx).
+"""`loraplex adapters|tenants|experiments|drift|audit ...`: an operator CLI over the admin API.
 
 Talks to a running gateway (`--url`, env `LORAPLEX_ADMIN_URL`) with the admin key (`--admin-key`,
 env `LORAPLEX_ADMIN_KEY`); prints the API's JSON; exits 1 with the error message on a 4xx/5xx.
@@ -11,9 +11,11 @@ import getpass
 import json
 import os
 import sys
+from pathlib import Path
 from typing import Any
 
 import httpx
+import yaml
 
 from server.cli_merge import add_merge_command, run_merge
 
@@ -70,6 +72,28 @@ def add_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> No
     p = t.add_parser("delete", parents=[common])
     p.add_argument("name")
 
+    ex = sub.add_parser("experiments", help="A/B experiments (admin API)")
+    e = ex.add_subparsers(dest="action", required=True)
+    e.add_parser("list", parents=[common])
+    p = e.add_parser("create", parents=[common], help="start one from a JSON/YAML definition")
+    p.add_argument("file", help="definition file (docs/experiments.md), '-' for stdin")
+    for action in ("show", "analysis", "pause", "resume", "abort", "delete"):
+        p = e.add_parser(action, parents=[common])
+        p.add_argument("name")
+    p = e.add_parser("promote", parents=[common], help="end it with a winner")
+    p.add_argument("name")
+    p.add_argument("--variant")
+    p = e.add_parser("weights", parents=[common], help="set candidate shares by hand")
+    p.add_argument("name")
+    p.add_argument("shares", nargs="+", metavar="VARIANT=SHARE")
+
+    dr = sub.add_parser("drift", help="traffic drift per tenant (admin API)")
+    d = dr.add_subparsers(dest="action", required=True)
+    d.add_parser("show", parents=[common])
+    p = d.add_parser("reference", parents=[common], help="reset or set a tenant's reference")
+    p.add_argument("tenant")
+    p.add_argument("--reset", action="store_true", help="collect a new first-N reference")
+
     au = sub.add_parser("audit", help="read the audit log (newest first)", parents=[common])
     au.add_argument("--limit", type=int, default=50)
     au.add_argument("--before", type=int)
@@ -113,6 +137,13 @@ def _request(args: argparse.Namespace) -> tuple[str, str, dict[str, Any] | None]
         return "GET", f"/admin/v1/audit{query}", None
     if args.command == "tenants":
         return _tenant_request(args)
+    if args.command == "experiments":
+        return _experiment_request(args)
+    if args.command == "drift":
+        if args.action == "show":
+            return "GET", "/admin/v1/drift", None
+        body = {"reset": True} if args.reset else {"from": "current"}
+        return "POST", f"/admin/v1/drift/{args.tenant}/reference", body
     act = args.action
     base = "/admin/v1/adapters"
     if act == "list":
@@ -173,10 +204,40 @@ def _tenant_request(args: argparse.Namespace) -> tuple[str, str, dict[str, Any] 
     return "PATCH", f"{base}/{args.name}", body
 
 
-def _kv(text: str) -> tuple[str, str]:
+def _experiment_request(args: argparse.Namespace) -> tuple[str, str, dict[str, Any] | None]:
+    base = "/admin/v1/experiments"
+    act = args.action
+    if act == "list":
+        return "GET", base, None
+    if act == "create":
+        text = sys.stdin.read() if args.file == "-" else Path(args.file).read_text()
+        body = yaml.safe_load(text)
+        if not isinstance(body, dict):
+            raise SystemExit("loraplex: the definition must be a JSON/YAML object")
+        return "POST", base, body
+    path = f"{base}/{args.name}"
+    if act in ("show", "analysis"):
+        return "GET", path if act == "show" else f"{path}/analysis", None
+    if act == "delete":
+        return "DELETE", path, None
+    if act == "promote":
+        return "POST", f"{path}/promote", {"variant": args.variant}
+    if act == "weights":
+        shares = {}
+        for item in args.shares:
+            name, value = _kv(item, "VARIANT=SHARE")
+            try:
+                shares[name] = float(value)
+            except ValueError:
+                raise SystemExit(f"loraplex: {item!r}: the share must be a number") from None
+        return "POST", f"{path}/weights", {"weights": shares}
+    return "POST", f"{path}/{act}", {}
+
+
+def _kv(text: str, shape: str = "KEY=VALUE") -> tuple[str, str]:
     key, sep, value = text.partition("=")
     if not sep or not key:
-        raise SystemExit(f"loraplex: --meta wants KEY=VALUE, got {text!r}")
+        raise SystemExit(f"loraplex: expected {shape}, got {text!r}")
     return key, value
 
 

@@ -57,7 +57,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.command == "serve":
         return _serve(args)
-    if args.command in ("adapters", "tenants", "audit"):
+    if args.command in ("adapters", "tenants", "experiments", "drift", "audit"):
         from server.cli_admin import run as run_admin
 
         return run_admin(args)

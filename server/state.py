@@ -23,6 +23,7 @@ from server.upstream import EngineClient
 
 if TYPE_CHECKING:
     from server.engine_process import LocalEngine
+    from server.experiments.controller import ExperimentController
 
 
 @dataclass(slots=True)
@@ -49,6 +50,7 @@ class GatewayState:
     engine_status: EngineStatus = field(default_factory=EngineStatus)
     local_engine: LocalEngine | None = None
     drift: DriftMonitor | None = None  # traffic drift per tenant (None: off)
+    controller: ExperimentController | None = None
     # Set when a request finds an adapter missing on the engine: the watcher reconciles now.
     reconcile_wanted: asyncio.Event = field(default_factory=asyncio.Event)
     _tasks: set[asyncio.Task[object]] = field(default_factory=set)
