@@ -160,6 +160,9 @@ class Guardrails(BaseModel):
     # much smaller than the traffic; below this many per variant that check is skipped
     # (normal approximations need some mass) and the summary says so.
     min_check_samples: int = Field(30, ge=1)
+    # The controller judges overlapping windows every round; a rollback needs this many
+    # consecutive breached rounds so one unlucky window cannot end a healthy candidate.
+    confirm_rounds: int = Field(2, ge=1, le=10)
     check_error_rate: bool = True
     check_latency: bool = True
     check_ttft: bool = True

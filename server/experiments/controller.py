@@ -138,6 +138,11 @@ def spec_of(record: ExperimentRecord) -> ExperimentSpec:
     return ExperimentSpec.model_validate(record.definition)
 
 
+def all_on_control(spec: ExperimentSpec) -> dict[str, float]:
+    """Weights that send everyone to the control (candidates listed at 0 for the gauges)."""
+    return with_control(spec.control, {v.name: 0.0 for v in spec.variants[1:]})
+
+
 async def set_weights(
     registry: Registry, record: ExperimentRecord, shares: dict[str, float], actor: Actor
 ) -> ExperimentRecord:
@@ -183,9 +188,7 @@ async def abort(registry: Registry, record: ExperimentRecord, actor: Actor) -> E
     """End the experiment; everyone back on the control (and the alias, if it had moved)."""
     spec = spec_of(record)
     await _point_alias(registry, spec, spec.control, actor)
-    return await set_status(
-        registry, record, "aborted", actor, weights=with_control(spec.control, {})
-    )
+    return await set_status(registry, record, "aborted", actor, weights=all_on_control(spec))
 
 
 async def rollback(
@@ -206,7 +209,7 @@ async def rollback(
         record,
         "rolled_back",
         Actor("controller"),
-        weights=with_control(spec.control, {}),
+        weights=all_on_control(spec),
         reason=f"{candidate}: {reason}",
         expect=("running",),
         action="experiment.rollback",
@@ -252,7 +255,7 @@ class RoundResult:
     """What one controller round did, per experiment (tests and logs read it)."""
 
     experiment: str
-    action: str  # none | insufficient | unavailable | rollback | ramp | promote
+    action: str  # none | insufficient | unavailable | breach_pending | rollback | ramp | promote
     verdicts: dict[str, Verdict]
 
 
@@ -272,6 +275,8 @@ class ExperimentController:
         self.lease_ttl_s = lease_ttl_s
         self.holder = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
         self.last_round: list[RoundResult] = []
+        # Consecutive breached rounds per (experiment, candidate): see Guardrails.confirm_rounds.
+        self._strikes: dict[tuple[str, str], int] = {}
 
     async def run(self) -> None:
         """Forever: take or renew the lease, then review running experiments if leader."""
@@ -320,9 +325,16 @@ class ExperimentController:
                 continue
             verdict = evaluate(control, stats.get(v.name, VariantStats.empty()), rules)
             verdicts[v.name] = verdict
-            if verdict.decision == "breach":
+            key = (record.name, v.name)
+            self._strikes[key] = (
+                self._strikes.get(key, 0) + 1 if verdict.decision == "breach" else 0
+            )
+            if self._strikes[key] >= rules.confirm_rounds:
+                del self._strikes[key]
                 await rollback(self.registry, record, verdict, v.name, self.metrics)
                 return RoundResult(record.name, "rollback", verdicts)
+        if any(d.decision == "breach" for d in verdicts.values()):
+            return RoundResult(record.name, "breach_pending", verdicts)
         if not verdicts or any(d.decision != "healthy" for d in verdicts.values()):
             return RoundResult(record.name, "insufficient" if verdicts else "none", verdicts)
         if in_step < spec.ramp_interval_s or not spec.ramp:

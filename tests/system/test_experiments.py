@@ -87,8 +87,11 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
             reg = admin.post("/admin/v1/adapters", json={"name": "support", "source": v2})
             assert reg.status_code == 201, reg.text
             assert reg.json()["label"] == "support@2"
-            with admin, client:
+            try:
                 yield Stack(url, f"http://127.0.0.1:{up_port}", prom, admin, client)
+            finally:
+                admin.close()
+                client.close()
 
 
 def start(stack: Stack, name: str, **definition: Any) -> dict[str, Any]:
