@@ -7,7 +7,7 @@ the functions with the most samples, inclusive and self. py-spy is a dev tool:
 `.venv/bin/pip install py-spy`.
 
     python -m loadtest.bench.profile_gateway [--seconds 15] [--concurrency 8] [--stream]
-        [--out .cache/profile]
+        [--model auto] [--out .cache/profile]
 """
 
 from __future__ import annotations
@@ -54,6 +54,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--seconds", type=float, default=15.0)
     ap.add_argument("--concurrency", type=int, default=8)
     ap.add_argument("--stream", action="store_true")
+    ap.add_argument("--model", default=MODEL, help='"auto": through domain routing')
     ap.add_argument("--out", type=Path, default=Path(".cache/profile"))
     ap.add_argument("--top", type=int, default=40)
     args = ap.parse_args(argv)
@@ -70,7 +71,7 @@ def main(argv: list[str] | None = None) -> None:
         f.start("loraplex", gateway_cmd(gw, cfg), env)
         url = f"http://127.0.0.1:{gw}"
         f.ready("loraplex", url + "/readyz")
-        one = spec(args.stream)
+        one = spec(args.stream, args.model)
         asyncio.run(run_closed(url, itertools.repeat(one), args.concurrency, 10**9, 1.0))
         record = [pyspy, "record", "--format", "raw", "--rate", "250", "--nonblocking"]
         record += ["--duration", str(max(1, int(args.seconds)))]
