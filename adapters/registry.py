@@ -39,7 +39,7 @@ from adapters.registry_types import (
     VersionInUse,
     VersionNotFound,
 )
-from adapters.types import AdapterVersion, VersionState
+from adapters.types import DEFAULT_ALIAS, AdapterRef, AdapterVersion, VersionState
 from server.errors import Conflict
 
 __all__ = [
@@ -67,6 +67,7 @@ MIGRATIONS = Path(__file__).resolve().parent / "migrations"
 HEAD_REVISION = "0002"
 MIGRATION_LOCK_ID = 0x10AA_B1E4  # PostgreSQL advisory lock: one replica migrates at a time
 LIVE_STATES = (VersionState.REGISTERED, VersionState.VALIDATED)
+ACTIVE_EXPERIMENTS = ("running", "paused")  # router.experiments.ACTIVE (adapters sits below)
 
 
 class Registry:
@@ -220,10 +221,10 @@ class Registry:
                     + " or ".join(s.value for s in expect)
                 )
             if state in (VersionState.RETIRED, VersionState.REJECTED):
-                in_use = await _alias_users(conn, name, version)
+                in_use = await _version_users(conn, name, version)
                 if in_use:
                     raise VersionInUse(
-                        f"{before.label} is the target of alias {', '.join(in_use)}; move it first"
+                        f"{before.label} is in use by {', '.join(in_use)}; move or end it first"
                     )
             await conn.execute(
                 sa.update(t.adapter_versions)
@@ -309,11 +310,11 @@ class Registry:
         """Forget a version (its number is never reused); refused while an alias points at it."""
         async with self._mutation() as conn:
             before = await _get_version(conn, name, version)
-            users = await _alias_users(conn, name, version)
+            users = await _version_users(conn, name, version)
             if users:
                 raise VersionInUse(
-                    f"{before.label} is the target of alias {', '.join(users)}; "
-                    "move or delete the alias first"
+                    f"{before.label} is in use by {', '.join(users)}; "
+                    "move or delete the alias, or end the experiment, first"
                 )
             await conn.execute(
                 sa.delete(t.adapter_versions).where(
@@ -608,12 +609,36 @@ async def _audit(
     await _bump(conn)
 
 
-async def _alias_users(conn: AsyncConnection, name: str, version: int) -> list[str]:
+async def _version_users(conn: AsyncConnection, name: str, version: int) -> list[str]:
+    """What keeps a version routable: aliases pointing at it and active experiments serving
+    it in a variant (`["alias stable", "experiment x"]`)."""
     c = t.aliases.c
     rows = await conn.execute(
         sa.select(c.alias).where(c.name == name, c.version == version).order_by(c.alias)
     )
-    return list(rows.scalars().all())
+    users = [f"alias {a}" for a in rows.scalars().all()]
+    e = t.experiments.c
+    active = await conn.execute(
+        sa.select(e.name, e.definition).where(e.status.in_(ACTIVE_EXPERIMENTS)).order_by(e.name)
+    )
+    for exp_name, definition in active.all():
+        for variant in (definition or {}).get("variants", []):
+            ref = AdapterRef.parse(str(variant.get("model", "")))
+            if ref is None or ref.name != name:
+                continue
+            number = ref.version
+            if number is None:
+                number = (
+                    await conn.execute(
+                        sa.select(c.version).where(
+                            c.name == name, c.alias == (ref.alias or DEFAULT_ALIAS)
+                        )
+                    )
+                ).scalar_one_or_none()
+            if number == version:
+                users.append(f"experiment {exp_name}")
+                break
+    return users
 
 
 async def _get_version(conn: AsyncConnection, name: str, version: int) -> AdapterVersion:

@@ -223,6 +223,38 @@ async def test_experiments_are_stored_guarded_audited_and_in_the_snapshot(
         await registry.delete_experiment("exp1", ADMIN)
 
 
+async def test_versions_in_an_active_experiment_cannot_be_retired_or_deleted(
+    registry: Registry,
+) -> None:
+    await ready(registry, "support")
+    await ready(registry, "support", "sha256:" + "ef" * 32)
+    await registry.set_alias("support", "canary", 2, ADMIN)
+    rec = ExperimentRecord(
+        name="exp",
+        target="support@stable",
+        definition={
+            "variants": [
+                {"name": "control", "model": "support@1"},
+                {"name": "candidate", "model": "support@canary"},
+            ]
+        },
+        status="running",
+        weights={"control": 0.5, "candidate": 0.5},
+        ramp_step=0,
+        step_started_at=1.0,
+    )
+    await registry.put_experiment(rec, ADMIN, create=True)
+    await registry.set_alias("support", "canary", None, ADMIN)
+    await registry.set_alias("support", "canary", 2, ADMIN)
+    with pytest.raises(VersionInUse, match="experiment exp"):
+        await registry.delete_version("support", 2, ADMIN)  # through its alias
+    await registry.set_alias("support", "stable", 2, ADMIN)
+    with pytest.raises(VersionInUse, match="experiment exp"):
+        await registry.set_state("support", 1, VersionState.RETIRED, ADMIN)  # by number
+    await registry.put_experiment(replace(rec, status="aborted"), ADMIN)
+    await registry.set_state("support", 1, VersionState.RETIRED, ADMIN)
+
+
 async def test_leases_have_one_holder_until_they_expire(registry: Registry) -> None:
     assert await registry.acquire_lease("controller", "a", ttl_s=30)
     assert not await registry.acquire_lease("controller", "b", ttl_s=30)
