@@ -24,6 +24,7 @@ EXTRA_ADAPTER = "extra"  # loaded at runtime through the admin API by a test
 MULTI = tuple(f"multi{i}" for i in range(6))
 REGISTRY_TEST_NAMES = (
     "swap",
+    "abtest",
     "fromhttp",
     "froms3",
     *MULTI,
