@@ -4,9 +4,11 @@ adapter (its marker starts the answer), out-of-scope and ambiguous prompts by th
 
 from __future__ import annotations
 
+import httpx
 import pytest
 
 from tests.e2e.harness import Gateway
+from tests.promtext import metric
 
 DOMAIN_PROMPTS = {
     "medical": [
@@ -92,3 +94,21 @@ def test_auto_completions_and_streaming(gateway: Gateway) -> None:
     )
     text = "".join(c.choices[0].delta.content or "" for c in stream if c.choices)
     assert text.strip().startswith(markers(gateway)["finance"]), text
+
+
+def test_auto_routed_requests_feed_the_drift_monitor(gateway: Gateway) -> None:
+    """Real engine answers with real usage: the tenant's drift window counts them, with their
+    domains and token lengths, as gauges and through the admin API."""
+
+    def collected() -> float:
+        text = httpx.get(f"{gateway.url}/metrics", timeout=10).text
+        return metric(text, "loraplex_drift_window_requests", tenant="acme", window="reference")
+
+    before = collected()
+    for domain in ("medical", "legal", "finance"):
+        auto_chat(gateway, "acme", DOMAIN_PROMPTS[domain][0])
+    assert collected() == before + 3
+    with gateway.admin() as admin:
+        view = admin.get("/admin/v1/drift").json()
+    assert view["enabled"] is True
+    assert "acme" in {t["tenant"] for t in view["data"]}
