@@ -29,36 +29,39 @@ class Served:
 
 
 class FeedbackMemory:
-    """Bounded, time-limited map of request ids served in an experiment (oldest dropped
-    first). Per replica: see docs/experiments.md for feedback behind several replicas."""
+    """Bounded, time-limited map of requests served in an experiment (oldest dropped first),
+    keyed by (tenant, request id): clients may choose their own `X-Request-Id`, so two tenants'
+    ids can collide without mixing. Per replica: see docs/experiments.md for several replicas."""
 
     def __init__(self, max_entries: int, ttl_s: float) -> None:
         self.max_entries = max_entries
         self.ttl_s = ttl_s
-        self._served: OrderedDict[str, Served] = OrderedDict()
-        self._rated: set[str] = set()
+        self._served: OrderedDict[tuple[str, str], Served] = OrderedDict()
+        self._rated: set[tuple[str, str]] = set()
 
     def remember(self, request_id: str, served: Served) -> None:
-        self._served[request_id] = served
+        self._served[(served.tenant, request_id)] = served
         if len(self._served) > self.max_entries:
             old, _ = self._served.popitem(last=False)
             self._rated.discard(old)
 
-    def lookup(self, request_id: str, now: float | None = None) -> Served | None:
-        served = self._served.get(request_id)
+    def lookup(self, tenant: str, request_id: str, now: float | None = None) -> Served | None:
+        key = (tenant, request_id)
+        served = self._served.get(key)
         if served is None:
             return None
         if (now or time.time()) - served.at > self.ttl_s:
-            del self._served[request_id]
-            self._rated.discard(request_id)
+            del self._served[key]
+            self._rated.discard(key)
             return None
         return served
 
-    def rate_once(self, request_id: str) -> bool:
-        """True the first time feedback arrives for `request_id`."""
-        if request_id in self._rated:
+    def rate_once(self, tenant: str, request_id: str) -> bool:
+        """True the first time feedback arrives for this tenant's `request_id`."""
+        key = (tenant, request_id)
+        if key in self._rated:
             return False
-        self._rated.add(request_id)
+        self._rated.add(key)
         return True
 
 

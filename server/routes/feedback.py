@@ -54,13 +54,13 @@ async def feedback(request: Request) -> dict[str, Any]:
     tenant = state.tenants.authenticate(request.headers.get("authorization"))
     body = await json_body(request, FeedbackBody)
     memory = state.experiments.memory
-    served = memory.lookup(body.request_id)
-    if served is None or served.tenant != tenant.name:
+    served = memory.lookup(tenant.name, body.request_id)
+    if served is None:
         raise FeedbackNotFound(
             "No recent request with this id was served in an experiment for this key.",
             param="request_id",
         )
-    if not memory.rate_once(body.request_id):
+    if not memory.rate_once(tenant.name, body.request_id):
         raise FeedbackExists("Feedback for this request was already recorded.")
     m = state.metrics
     if body.rating is not None:
