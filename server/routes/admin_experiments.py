@@ -3,6 +3,7 @@ pause/resume, promote, abort, delete. Every change is audited (see `experiments.
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from typing import Any
 
@@ -112,7 +113,8 @@ async def analyse_experiment(request: Request, name: str) -> dict[str, Any]:
         verdict = evaluate(control, stats.get(v.name, VariantStats.empty()), rules)
         verdicts[v.name] = {
             "decision": verdict.decision,
-            "breaches": [b.__dict__ for b in verdict.breaches],
+            # Breach is a slots dataclass: it has no __dict__.
+            "breaches": [dataclasses.asdict(b) for b in verdict.breaches],
             "summary": verdict.summary,
         }
     requests = {n: s.requests for n, s in stats.items()}
