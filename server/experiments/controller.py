@@ -30,7 +30,7 @@ from typing import TYPE_CHECKING, Any
 
 import aiohttp
 
-from adapters.registry import SYSTEM, Actor, ExperimentRecord, Registry
+from adapters.registry import SYSTEM, Actor, ExperimentRecord, InvalidTransition, Registry
 from adapters.types import AdapterRef
 from router.experiments import (
     ACTIVE,
@@ -134,6 +134,16 @@ async def set_status(
     return registry.snapshot.experiments[record.name]
 
 
+def _require_status(registry: Registry, record: ExperimentRecord, expect: tuple[str, ...]) -> None:
+    """Refuse a change before its first side effect (the alias move), not only in the final
+    guarded write: an ended experiment must not move its target's alias and then answer 409."""
+    current = registry.snapshot.experiments.get(record.name, record)
+    if current.status not in expect:
+        raise InvalidTransition(
+            f"experiment {record.name!r} is {current.status}, expected " + " or ".join(expect)
+        )
+
+
 def spec_of(record: ExperimentRecord) -> ExperimentSpec:
     return ExperimentSpec.model_validate(record.definition)
 
@@ -156,6 +166,11 @@ async def set_weights(
             param="weights",
         )
     merged = {n: w for n, w in record.weights.items() if n in candidates} | shares
+    if sum(merged.values()) > 1.0 + 1e-9:  # with the shares of candidates not named here
+        raise BadRequest(
+            "candidate weights (with those not given here) add up to more than 1",
+            param="weights",
+        )
     return await set_status(
         registry,
         record,
@@ -178,6 +193,7 @@ async def promote(
         variant = max(spec.variants[1:], key=lambda v: record.weights.get(v.name, 0.0)).name
     if variant not in names:
         raise BadRequest(f"no variant named {variant[:64]!r}", param="variant")
+    _require_status(registry, record, ACTIVE)
     await _point_alias(registry, spec, variant, actor)
     return await set_status(
         registry, record, "promoted", actor, weights={variant: 1.0}, reason=f"winner: {variant}"
@@ -187,6 +203,7 @@ async def promote(
 async def abort(registry: Registry, record: ExperimentRecord, actor: Actor) -> ExperimentRecord:
     """End the experiment; everyone back on the control (and the alias, if it had moved)."""
     spec = spec_of(record)
+    _require_status(registry, record, ACTIVE)
     await _point_alias(registry, spec, spec.control, actor)
     return await set_status(registry, record, "aborted", actor, weights=all_on_control(spec))
 
@@ -199,6 +216,7 @@ async def rollback(
     metrics: GatewayMetrics,
 ) -> ExperimentRecord:
     spec = spec_of(record)
+    _require_status(registry, record, ("running",))
     await _point_alias(registry, spec, spec.control, SYSTEM)
     reason = "; ".join(
         f"{b.guardrail}: {b.observed:.4g} > {b.limit:.4g} (p={b.p_value:.2g})"
