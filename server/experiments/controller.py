@@ -293,8 +293,10 @@ class ExperimentController:
         self.lease_ttl_s = lease_ttl_s
         self.holder = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
         self.last_round: list[RoundResult] = []
-        # Consecutive breached rounds per (experiment, candidate): see Guardrails.confirm_rounds.
-        self._strikes: dict[tuple[str, str], int] = {}
+        # Consecutive breached rounds per (experiment, created_at, candidate): see
+        # Guardrails.confirm_rounds. created_at tells a re-created experiment of the same name
+        # apart; review_all forgets experiments that are not running (a pause ends the run).
+        self._strikes: dict[tuple[str, float, str], int] = {}
 
     async def run(self) -> None:
         """Forever: take or renew the lease, then review running experiments if leader."""
@@ -318,10 +320,12 @@ class ExperimentController:
 
     async def review_all(self) -> list[RoundResult]:
         await self.registry.refresh_if_changed()
+        running = [r for r in self.registry.snapshot.experiments.values() if r.status == "running"]
+        live = {(r.name, r.created_at) for r in running}
+        self._strikes = {k: n for k, n in self._strikes.items() if k[:2] in live}
         results = []
-        for record in list(self.registry.snapshot.experiments.values()):
-            if record.status == "running":
-                results.append(await self.review(record))
+        for record in running:
+            results.append(await self.review(record))
         return results
 
     async def review(self, record: ExperimentRecord, now: float | None = None) -> RoundResult:
@@ -343,7 +347,7 @@ class ExperimentController:
                 continue
             verdict = evaluate(control, stats.get(v.name, VariantStats.empty()), rules)
             verdicts[v.name] = verdict
-            key = (record.name, v.name)
+            key = (record.name, record.created_at, v.name)
             self._strikes[key] = (
                 self._strikes.get(key, 0) + 1 if verdict.decision == "breach" else 0
             )
