@@ -151,6 +151,30 @@ async def test_a_healthy_round_resets_the_breach_count(gw2: Gateway) -> None:
     assert (await ctl.review(record(gw2), now=t0 + 60)).action == "rollback"
 
 
+async def test_a_recreated_experiment_starts_without_the_old_ones_strikes(gw2: Gateway) -> None:
+    await start(gw2)
+    ctl = controller(gw2, FakeSource(BREACH))
+    t0 = record(gw2).step_started_at
+    assert (await ctl.review(record(gw2), now=t0 + 60)).action == "breach_pending"
+    assert (await admin(gw2, "POST", "/ab/abort")).status_code == 200
+    assert (await admin(gw2, "DELETE", "/ab")).status_code == 200
+    await start(gw2)
+    first = await ctl.review(record(gw2), now=record(gw2).step_started_at + 60)
+    assert first.action == "breach_pending"
+    assert record(gw2).status == "running"
+
+
+async def test_a_pause_breaks_the_run_of_breached_rounds(gw2: Gateway) -> None:
+    await start(gw2)
+    ctl = controller(gw2, FakeSource(BREACH))
+    assert [r.action for r in await ctl.review_all()] == ["breach_pending"]
+    assert (await admin(gw2, "POST", "/ab/pause")).status_code == 200
+    assert await ctl.review_all() == []  # paused: not judged
+    assert (await admin(gw2, "POST", "/ab/resume")).status_code == 200
+    assert [r.action for r in await ctl.review_all()] == ["breach_pending"]
+    assert [r.action for r in await ctl.review_all()] == ["rollback"]
+
+
 async def test_one_round_suffices_when_configured(gw2: Gateway) -> None:
     await start(gw2, guardrails={"confirm_rounds": 1})
     ctl = controller(gw2, FakeSource(BREACH))
