@@ -6,15 +6,19 @@ copies)."""
 from __future__ import annotations
 
 import asyncio
+import shutil
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
 
+from router.policy import DEFAULT_ROUTES
 from server.experiments.analysis import VariantStats
 from server.experiments.sources import MetricsUnavailable
-from tests.unit.conftest import Config
+from tests.unit.conftest import Bootstrapped, Config
 from tests.unit.experiment_helpers import (
     ADMIN,
     add_medical_v2,
@@ -26,7 +30,7 @@ from tests.unit.experiment_helpers import (
     start,
     stats,
 )
-from tests.unit.fakes import Answer
+from tests.unit.fakes import Answer, FakeEngine
 from tests.unit.helpers import (
     ACME_KEY,
     BETA_KEY,
@@ -35,9 +39,11 @@ from tests.unit.helpers import (
     assert_error,
     auth,
     metric,
+    running_gateway,
     served,
     wait_until,
 )
+from tests.unit.router_helpers import save_default_tfidf
 
 EXP = "experiment:ab"
 
@@ -87,53 +93,53 @@ async def test_ramp_starts_at_its_first_step_and_the_base_model_is_a_variant(gw:
     assert created["weights"] == {"control": 0.95, "plain": 0.05}
 
 
-@pytest.mark.parametrize(
-    ("changes", "code", "param"),
-    [
-        (
-            {
-                "variants": [
-                    {"name": "control", "model": "medical@1"},
-                    {"name": "candidate", "model": "x"},
-                ]
-            },
-            "variant_not_servable",
-            "variants",
-        ),
-        (
-            {
-                "variants": [
-                    {"name": "control", "model": "medical@1"},
-                    {"name": "candidate", "model": "medical@7"},
-                ]
-            },
-            "variant_not_servable",
-            "variants",
-        ),
-        (
-            {
-                "variants": [
-                    {"name": "control", "model": "broken"},  # rejected at bootstrap
-                    {"name": "candidate", "model": "medical@1"},
-                ]
-            },
-            "variant_not_servable",
-            "variants",
-        ),
-        ({"guardrails": {"alpha": 2}}, "invalid_request", "guardrails"),
-        ({"guardrails": {"no_such_rule": 1}}, "invalid_request", "guardrails"),
-        ({"target": "medical@1"}, "invalid_request", None),
-        ({"weights": {"candidate": 0.7, "control": 0.1, "x": 0.1}}, "invalid_request", None),
-        ({"ramp": [0.5, 0.1]}, "invalid_request", None),
-        ({"shadow": {"variant": "control", "share": 0.5}}, "invalid_request", None),
-        ({"name": "bad name!"}, "invalid_request", "name"),
-        ({"surprise": True}, "invalid_request", "surprise"),
-    ],
-)
-async def test_bad_definitions_are_400(
-    gw2: Gateway, changes: dict[str, Any], code: str, param: str | None
-) -> None:
-    assert_error(await create(gw2, **changes), 400, code, param=param)
+BAD_DEFINITIONS: list[tuple[dict[str, Any], str, str | None]] = [
+    (
+        {
+            "variants": [
+                {"name": "control", "model": "medical@1"},
+                {"name": "candidate", "model": "x"},
+            ]
+        },
+        "variant_not_servable",
+        "variants",
+    ),
+    (
+        {
+            "variants": [
+                {"name": "control", "model": "medical@1"},
+                {"name": "candidate", "model": "medical@7"},
+            ]
+        },
+        "variant_not_servable",
+        "variants",
+    ),
+    (
+        {
+            "variants": [
+                {"name": "control", "model": "broken"},  # rejected at bootstrap
+                {"name": "candidate", "model": "medical@1"},
+            ]
+        },
+        "variant_not_servable",
+        "variants",
+    ),
+    ({"guardrails": {"alpha": 2}}, "invalid_request", "guardrails"),
+    ({"guardrails": {"no_such_rule": 1}}, "invalid_request", "guardrails"),
+    ({"target": "medical@1"}, "invalid_request", None),
+    ({"weights": {"candidate": 0.7, "control": 0.1, "x": 0.1}}, "invalid_request", None),
+    ({"ramp": [0.5, 0.1]}, "invalid_request", None),
+    ({"shadow": {"variant": "control", "share": 0.5}}, "invalid_request", None),
+    ({"name": "bad name!"}, "invalid_request", "name"),
+    ({"surprise": True}, "invalid_request", "surprise"),
+]
+
+
+async def test_bad_definitions_are_400(gw2: Gateway) -> None:
+    for changes, code, param in BAD_DEFINITIONS:
+        resp = await create(gw2, **changes)
+        assert resp.status_code == 400, changes
+        assert_error(resp, 400, code, param=param)
     assert gw2.state.registry.snapshot.experiments == {}
 
 
@@ -301,32 +307,33 @@ async def test_delete_only_after_the_end(gw2: Gateway) -> None:
     await start(gw2)  # the name is free again
 
 
-@pytest.mark.parametrize(
-    ("method", "path", "body"),
-    [
-        ("GET", "", None),
-        ("POST", "", definition()),
-        ("GET", "/ab", None),
-        ("GET", "/ab/analysis", None),
-        ("POST", "/ab/pause", None),
-        ("POST", "/ab/resume", None),
-        ("POST", "/ab/weights", {"weights": {"candidate": 0.1}}),
-        ("POST", "/ab/promote", {}),
-        ("POST", "/ab/abort", None),
-        ("DELETE", "/ab", None),
-    ],
-)
-async def test_tenant_keys_and_no_key_are_refused(
-    gw2: Gateway, method: str, path: str, body: Any
-) -> None:
+ADMIN_CALLS: list[tuple[str, str, Any]] = [
+    ("GET", "", None),
+    ("POST", "", definition()),
+    ("GET", "/ab", None),
+    ("GET", "/ab/analysis", None),
+    ("POST", "/ab/pause", None),
+    ("POST", "/ab/resume", None),
+    ("POST", "/ab/weights", {"weights": {"candidate": 0.1}}),
+    ("POST", "/ab/promote", {}),
+    ("POST", "/ab/abort", None),
+    ("DELETE", "/ab", None),
+]
+
+
+async def test_tenant_keys_and_no_key_are_refused(gw2: Gateway) -> None:
     await start(gw2)
-    url = f"/admin/v1/experiments{path}"
-    for key in (ACME_KEY, BETA_KEY):
-        resp = await gw2.client.request(method, url, json=body, headers=auth(key))
-        assert_error(resp, 403, "permission_denied")
-    assert_error(await gw2.client.request(method, url, json=body), 401, "invalid_api_key")
-    wrong = await gw2.client.request(method, url, json=body, headers=auth("sk-wrong"))
-    assert_error(wrong, 401, "invalid_api_key")
+    for method, path, body in ADMIN_CALLS:
+        url = f"/admin/v1/experiments{path}"
+        for key in (ACME_KEY, BETA_KEY):
+            resp = await gw2.client.request(method, url, json=body, headers=auth(key))
+            assert resp.status_code == 403, (method, path)
+            assert_error(resp, 403, "permission_denied")
+        resp = await gw2.client.request(method, url, json=body)
+        assert resp.status_code == 401, (method, path)
+        assert_error(resp, 401, "invalid_api_key")
+        wrong = await gw2.client.request(method, url, json=body, headers=auth("sk-wrong"))
+        assert_error(wrong, 401, "invalid_api_key")
     record = gw2.state.registry.snapshot.experiments["ab"]
     assert (record.status, dict(record.weights)) == ("running", {"control": 0.5, "candidate": 0.5})
 
@@ -651,3 +658,40 @@ async def test_no_shadow_copy_of_a_model_the_tenant_may_not_use(gw2: Gateway) ->
     await asyncio.sleep(0.01)
     assert len(gw2.engine.forwarded) == 1
     assert shadow_count(gw2, "ok") + shadow_count(gw2, "dropped") == 0
+
+
+# -- domain targets (auto routing) ------------------------------------------------------------
+
+MEDICAL = "I have had a fever and a sore throat for three days, should I see a doctor?"
+LEGAL = "Can my landlord keep my security deposit without giving a reason?"
+
+
+@pytest.fixture
+async def routed(
+    config: Config, engine: FakeEngine, bootstrapped: Bootstrapped, tmp_path: Path
+) -> AsyncIterator[Gateway]:
+    """The `gw2` gateway with auto routing on (default routes and model)."""
+    router = {"routes_file": DEFAULT_ROUTES, "artefact": save_default_tfidf(tmp_path)}
+    shutil.copyfile(bootstrapped.db, config.root / "registry.db")
+    engine.served |= bootstrapped.served
+    async with running_gateway(config.settings(adapters_file=None, router=router), engine) as gw:
+        await add_medical_v2(gw, config)
+        yield gw
+
+
+async def test_domain_target_takes_auto_routed_requests_only(routed: Gateway) -> None:
+    await start(routed, target="domain:medical", weights={"candidate": 1.0})
+    asked = [{"role": "user", "content": MEDICAL}]
+    auto = await routed.chat(model="auto", messages=asked)
+    assert auto.status_code == 200
+    assert auto.headers["x-loraplex-domain"] == "medical"
+    assert auto.headers["x-loraplex-variant"] == "candidate"
+    assert auto.headers["x-loraplex-adapter"] == "medical@2"
+    assert engine_model(routed) == served(routed, "medical@2")
+    # Naming the adapter is not the domain target; another domain is not either.
+    named = await routed.chat(model="medical", messages=asked)
+    assert named.headers["x-loraplex-adapter"] == "medical@1"
+    assert "x-loraplex-experiment" not in named.headers
+    legal = await routed.chat(model="auto", messages=[{"role": "user", "content": LEGAL}])
+    assert legal.headers["x-loraplex-adapter"] == "legal@1"
+    assert "x-loraplex-experiment" not in legal.headers

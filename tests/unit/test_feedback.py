@@ -125,27 +125,28 @@ async def test_unknown_ids_and_requests_outside_experiments_are_404(gw2: Gateway
     assert_error(resp, 404, "request_not_found")
 
 
-@pytest.mark.parametrize(
-    ("body", "param"),
-    [
-        ({"request_id": "x"}, None),
-        ({"request_id": "x", "rating": None, "score": None}, None),
-        ({"request_id": "x", "score": 1.5}, "score"),
-        ({"request_id": "x", "score": -0.1}, "score"),
-        ({"request_id": "x", "score": "good"}, "score"),
-        ({"request_id": "x", "rating": "meh"}, "rating"),
-        ({"rating": "up"}, "request_id"),
-        ({"request_id": "", "rating": "up"}, "request_id"),
-        ({"request_id": "x" * 129, "rating": "up"}, "request_id"),
-        ({"request_id": "x", "rating": "up", "comment": "great"}, "comment"),
-    ],
-)
-async def test_bad_bodies_are_400(gw2: Gateway, body: Any, param: str | None) -> None:
+BAD_BODIES: list[tuple[dict[str, Any], str | None]] = [
+    ({"request_id": "x"}, None),
+    ({"request_id": "x", "rating": None, "score": None}, None),
+    ({"request_id": "x", "score": 1.5}, "score"),
+    ({"request_id": "x", "score": -0.1}, "score"),
+    ({"request_id": "x", "score": "good"}, "score"),
+    ({"request_id": "x", "rating": "meh"}, "rating"),
+    ({"rating": "up"}, "request_id"),
+    ({"request_id": "", "rating": "up"}, "request_id"),
+    ({"request_id": "x" * 129, "rating": "up"}, "request_id"),
+    ({"request_id": "x", "rating": "up", "comment": "great"}, "comment"),
+]
+
+
+async def test_bad_bodies_are_400(gw2: Gateway) -> None:
     rid = await served_request(gw2)
-    if isinstance(body, dict) and body.get("request_id") == "x":
-        body = {**body, "request_id": rid}
-    resp = await feedback(gw2, body)
-    assert_error(resp, 400, "invalid_request", param=param, type_="invalid_request_error")
+    for body, param in BAD_BODIES:
+        sent = {**body, "request_id": rid} if body.get("request_id") == "x" else body
+        resp = await feedback(gw2, sent)
+        assert resp.status_code == 400, body
+        assert_error(resp, 400, "invalid_request", param=param, type_="invalid_request_error")
+    # None of them used up the rating.
     assert (await feedback(gw2, {"request_id": rid, "rating": "up"})).status_code == 200
 
 
