@@ -731,15 +731,12 @@ def _version_from_row(row: Mapping[Any, Any]) -> AdapterVersion:
 
 
 def _tenant_from_row(row: Mapping[Any, Any]) -> TenantRecord:
-    q = row["quotas"] or {}
     return TenantRecord(
         name=row["name"],
         key_digests=tuple(row["key_digests"]),
         adapters=frozenset(row["adapters"]),
         default=row["default_model"],
-        quotas=Quotas(
-            q.get("max_adapters"), q.get("requests_per_minute"), q.get("tokens_per_minute")
-        ),
+        quotas=Quotas.from_dict(row["quotas"]),
     )
 
 

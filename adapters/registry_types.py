@@ -52,16 +52,39 @@ SYSTEM = Actor("system")
 
 @dataclass(frozen=True, slots=True)
 class Quotas:
+    """Per-tenant limits (None: unlimited), stored as the tenant row's JSON `quotas` column, so
+    a new key needs no migration. Enforced by `server.quotas`; docs/configuration.md."""
+
     max_adapters: int | None = None
     requests_per_minute: int | None = None
     tokens_per_minute: int | None = None
+    # Requests of the tenant in flight at once (a stream counts until it ends).
+    max_concurrent: int | None = None
+    # Caps on a generation request's fields; a request over a cap is refused (400).
+    max_tokens: int | None = None
+    max_n: int | None = None
+    max_best_of: int | None = None
 
     def as_dict(self) -> dict[str, int | None]:
-        return {
-            "max_adapters": self.max_adapters,
-            "requests_per_minute": self.requests_per_minute,
-            "tokens_per_minute": self.tokens_per_minute,
-        }
+        return {name: getattr(self, name) for name in QUOTA_FIELDS}
+
+    @classmethod
+    def from_dict(cls, raw: Mapping[str, Any] | None) -> Quotas:
+        """From a stored or configured mapping; unknown keys are ignored (a newer replica may
+        have written them), missing ones are unlimited."""
+        raw = raw or {}
+        return cls(**{n: None if raw.get(n) is None else int(raw[n]) for n in QUOTA_FIELDS})
+
+
+QUOTA_FIELDS = (
+    "max_adapters",
+    "requests_per_minute",
+    "tokens_per_minute",
+    "max_concurrent",
+    "max_tokens",
+    "max_n",
+    "max_best_of",
+)
 
 
 @dataclass(frozen=True, slots=True)

@@ -16,6 +16,7 @@ from typing import Any
 import yaml
 
 from adapters.registry import Quotas, TenantRecord
+from adapters.registry_types import QUOTA_FIELDS
 from server.errors import AuthenticationFailed, PermissionDenied
 
 BASE_MODEL = "base"
@@ -116,19 +117,29 @@ def _parse_tenant(name: str, spec: Any, path: Path) -> TenantRecord:
     default = spec.get("default")
     if default is not None and default.partition("@")[0] not in adapters:
         raise ValueError(f"{path}: tenant {name!r} default {default!r} is not in its adapters")
-    q = spec.get("quotas") or {}
-    if not isinstance(q, dict):
-        raise ValueError(f"{path}: tenant {name!r} quotas must be a mapping")
-    quotas = Quotas(
-        max_adapters=_opt_int(q.get("max_adapters")),
-        requests_per_minute=_opt_int(q.get("requests_per_minute")),
-        tokens_per_minute=_opt_int(q.get("tokens_per_minute")),
-    )
+    quotas = _parse_quotas(name, spec, path)
     return TenantRecord(str(name), tuple(digests), adapters, default, quotas)
 
 
-def _opt_int(value: Any) -> int | None:
-    return None if value is None else int(value)
+def _parse_quotas(name: str, spec: dict[str, Any], path: Path) -> Quotas:
+    """Quotas of one tenant: known keys only (a typo must not silently mean "unlimited"),
+    whole numbers, at least 1 (`max_adapters` may be 0)."""
+    q = spec.get("quotas") or {}
+    if not isinstance(q, dict):
+        raise ValueError(f"{path}: tenant {name!r} quotas must be a mapping")
+    unknown = sorted(str(k) for k in set(q) - set(QUOTA_FIELDS))
+    if unknown:
+        known = ", ".join(QUOTA_FIELDS)
+        raise ValueError(f"{path}: tenant {name!r} has unknown quotas {unknown} (known: {known})")
+    for key, value in q.items():
+        least = 0 if key == "max_adapters" else 1
+        if value is not None and (
+            isinstance(value, bool) or not isinstance(value, int) or value < least
+        ):
+            raise ValueError(
+                f"{path}: tenant {name!r} quota {key} must be a whole number >= {least}"
+            )
+    return Quotas.from_dict(q)
 
 
 def load_tenants(path: Path | None, admin_digests: tuple[str, ...]) -> TenantDirectory:

@@ -66,6 +66,10 @@ def add_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> No
         p.add_argument("--max-adapters", type=int)
         p.add_argument("--rpm", type=int, help="requests per minute")
         p.add_argument("--tpm", type=int, help="tokens per minute")
+        p.add_argument("--max-concurrent", type=int, help="requests in flight at once")
+        p.add_argument("--max-tokens", type=int, help="cap on a request's max_tokens")
+        p.add_argument("--max-n", type=int, help="cap on a request's n")
+        p.add_argument("--max-best-of", type=int, help="cap on a request's best_of")
     p = t.add_parser("rotate-key", parents=[common])
     p.add_argument("name")
     p.add_argument("--drop-previous", action="store_true", help="old key stops working now")
@@ -196,9 +200,14 @@ def _tenant_request(args: argparse.Namespace) -> tuple[str, str, dict[str, Any] 
         "max_adapters": args.max_adapters,
         "requests_per_minute": args.rpm,
         "tokens_per_minute": args.tpm,
+        "max_concurrent": args.max_concurrent,
+        "max_tokens": args.max_tokens,
+        "max_n": args.max_n,
+        "max_best_of": args.max_best_of,
     }
     if any(v is not None for v in quotas.values()):
-        body["quotas"] = quotas
+        # The API replaces the whole quota set: the flags given are the tenant's quotas.
+        body["quotas"] = {k: v for k, v in quotas.items() if v is not None}
     if args.action == "create":
         return "POST", base, {"name": args.name, **body}
     return "PATCH", f"{base}/{args.name}", body

@@ -6,6 +6,7 @@ steps (and which error wins) is in one place.
 
 from __future__ import annotations
 
+import asyncio
 import time
 from functools import partial
 from typing import Any, Literal
@@ -19,6 +20,7 @@ from adapters.loader import Lease
 from adapters.types import AdapterRef, AdapterVersion
 from router.experiments import Assignment
 from server.auth import Tenant
+from server.deadlines import bounded_stream, within
 from server.errors import (
     BadRequest,
     EngineUnavailable,
@@ -30,6 +32,7 @@ from server.errors import (
 )
 from server.experiments.service import Served
 from server.protocol import ChatCompletionRequest, CompletionRequest
+from server.quotas import apply_caps, has_caps
 from server.relay import RequestRecord, SSEResponse, relay_events
 from server.routing import resolve_model
 from server.state import GatewayState
@@ -170,7 +173,20 @@ def upstream_failure(state: GatewayState, adapter: str, status: int, body: bytes
 async def generate(
     state: GatewayState, request: Request, tenant: Tenant, kind: str, record: RequestRecord
 ) -> Response:
-    """Serve one completion or chat completion request for an authenticated tenant."""
+    """Serve one completion or chat completion request for an authenticated tenant, within its
+    concurrency limit (checked first: a flood is refused before its bodies are read) and the
+    request timeout (server/deadlines.py)."""
+    if tenant.quotas.max_concurrent is not None:
+        record.release_slot = state.quotas.enter(tenant.name, tenant.quotas.max_concurrent)
+    return await within(
+        state.settings.request_timeout_s, partial(_generate, state, request, tenant, kind, record)
+    )
+
+
+async def _generate(
+    state: GatewayState, request: Request, tenant: Tenant, kind: str, record: RequestRecord
+) -> Response:
+    arrived = asyncio.get_running_loop().time()
     path, schema = ENDPOINTS[kind]
     raw = await read_body(request, state.settings.max_body_bytes)
     body, parsed = parse_request(raw, schema)
@@ -200,6 +216,8 @@ async def generate(
             _enter_experiment(state, tenant, assignment, record)
     if assignment is None:
         version = select_adapter(state, tenant, None, requested)
+    if has_caps(tenant.quotas):  # before admission: a refused request spends no budget
+        apply_caps(tenant.quotas, body)
     if tenant.quotas.requests_per_minute or tenant.quotas.tokens_per_minute:
         state.quotas.admit(tenant.name, tenant.quotas)
         record.charge_tokens = partial(state.quotas.charge_tokens, tenant.name, tenant.quotas)
@@ -250,11 +268,11 @@ async def generate(
             record.status, record.error_code = 499, "client_disconnected"
         record.finish()
 
-    return SSEResponse(
-        relay_events(stream, record, drop_usage_chunk=not client_wants_usage),
-        headers=headers,
-        on_close=on_close,
-    )
+    events = relay_events(stream, record, drop_usage_chunk=not client_wants_usage)
+    if state.settings.max_stream_duration_s is not None:
+        deadline = arrived + state.settings.max_stream_duration_s
+        events = bounded_stream(events, record, deadline, state.settings.engine.read_timeout_s)
+    return SSEResponse(events, headers=headers, on_close=on_close)
 
 
 def _record_usage(record: RequestRecord, resp: UpstreamResponse) -> None:

@@ -58,6 +58,7 @@ class RequestRecord:
     # Released / charged once in `finish`, whatever way the request ends.
     lease: Lease | None = None
     charge_tokens: Callable[[int], None] | None = None
+    release_slot: Callable[[], None] | None = None  # tenant's concurrency slot (server/quotas.py)
     drift: DriftMonitor | None = None  # observes the finished request (telemetry/drift.py)
     _admitted: bool = False
     _finished: bool = False
@@ -91,6 +92,8 @@ class RequestRecord:
         if self._finished:
             return
         self._finished = True
+        if self.release_slot is not None:
+            self.release_slot()
         if self.lease is not None:
             self.lease.release()
         if self.charge_tokens is not None and (self.prompt_tokens or self.completion_tokens):

@@ -121,6 +121,10 @@ class Settings(BaseSettings):
     admin_key_sha256: str | None = None
     admin_key: SecretStr | None = None
     max_body_bytes: int = 4 * 1024 * 1024
+    # Generation requests (server/deadlines.py): until the response starts → 504
+    # request_timeout; a stream still running this long after arrival ends with stream_timeout.
+    request_timeout_s: float | None = Field(600.0, gt=0)
+    max_stream_duration_s: float | None = Field(3600.0, gt=0)
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     engine: EngineSettings = Field(default_factory=EngineSettings)
     registry: RegistrySettings = Field(default_factory=RegistrySettings)

@@ -24,10 +24,16 @@ router = APIRouter(prefix="/admin/v1", tags=["admin"], dependencies=[Depends(req
 
 
 class QuotasBody(BaseModel):
+    """A tenant's whole quota set: a field left out (or null) is unlimited (docs/api.md)."""
+
     model_config = ConfigDict(extra="forbid")
     max_adapters: int | None = Field(None, ge=0)
     requests_per_minute: int | None = Field(None, ge=1)
     tokens_per_minute: int | None = Field(None, ge=1)
+    max_concurrent: int | None = Field(None, ge=1, description="requests in flight at once")
+    max_tokens: int | None = Field(None, ge=1, description="cap on max_tokens of a request")
+    max_n: int | None = Field(None, ge=1, description="cap on n of a request")
+    max_best_of: int | None = Field(None, ge=1, description="cap on best_of of a request")
 
 
 class TenantCreate(BaseModel):

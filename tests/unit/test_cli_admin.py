@@ -73,8 +73,20 @@ CASES: list[tuple[list[str], str, str, Any]] = [
         {
             "name": "acme",
             "adapters": ["medical", "legal"],
-            "quotas": {"max_adapters": None, "requests_per_minute": 60, "tokens_per_minute": None},
+            "quotas": {"requests_per_minute": 60},
         },
+    ),
+    (
+        ["tenants", "update", "acme", "--max-concurrent", "4", "--max-tokens", "256"],
+        "PATCH",
+        "/admin/v1/tenants/acme",
+        {"quotas": {"max_concurrent": 4, "max_tokens": 256}},
+    ),
+    (
+        ["tenants", "update", "acme", "--max-n", "2", "--max-best-of", "3", "--tpm", "9"],
+        "PATCH",
+        "/admin/v1/tenants/acme",
+        {"quotas": {"tokens_per_minute": 9, "max_n": 2, "max_best_of": 3}},
     ),
     (
         ["tenants", "update", "acme", "--default", "legal"],
