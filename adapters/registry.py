@@ -64,7 +64,7 @@ __all__ = [
 MIGRATIONS = Path(__file__).resolve().parent / "migrations"
 # The newest migration in adapters/migrations/versions (a unit test keeps the two in step):
 # a database already there skips loading Alembic at start.
-HEAD_REVISION = "0002"
+HEAD_REVISION = "0003"
 MIGRATION_LOCK_ID = 0x10AA_B1E4  # PostgreSQL advisory lock: one replica migrates at a time
 LIVE_STATES = (VersionState.REGISTERED, VersionState.VALIDATED)
 ACTIVE_EXPERIMENTS = ("running", "paused")  # router.experiments.ACTIVE (adapters sits below)
