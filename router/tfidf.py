@@ -64,6 +64,8 @@ def padded_word_ngrams(word: str, lo: int, hi: int) -> list[str]:
 
 
 WORD_CACHE_SIZE = 50_000
+# One word's (columns, sum of their weight rows, sum of their idf²); rows None: no column.
+WordSums = tuple[list[int], tuple[float, ...] | None, float]
 # Above this many n-gram hits in one block, numpy's vectorised path is faster than the pure
 # Python one (crossover measured at ~130-160 on the default routes' model, 5 domains).
 SPARSE_MAX_COLUMNS = 128
@@ -81,6 +83,9 @@ class TfidfBlock:
     # most words of a prompt were seen before, and a lookup is ~50x cheaper than its n-grams.
     # Bounded (cleared when full), so odd input cannot grow it.
     _word_columns: dict[str, list[int]] = field(default_factory=dict, repr=False)
+    # The same per word for the pure-Python scoring: its columns' weight rows summed and their
+    # idf² summed (TfidfClassifier._char_logits). Bounded the same way.
+    _word_sums: dict[str, WordSums] = field(default_factory=dict, repr=False)
 
     def columns(self, text: str) -> list[int]:
         """The vocabulary column of every n-gram of `text` that has one (repeats kept)."""
@@ -89,18 +94,27 @@ class TfidfBlock:
         if self.analyzer == "word":
             grams = word_ngrams(text, lo, hi, self.stop_words)
             return [c for c in map(vocab.get, grams) if c is not None]
-        cache = self._word_columns
         out: list[int] = []
         for word in text.split():  # = scikit-learn's whitespace collapsing, then split()
-            cols = cache.get(word)
-            if cols is None:
-                grams = padded_word_ngrams(word, lo, hi)
-                cols = [c for c in map(vocab.get, grams) if c is not None]
-                if len(cache) >= WORD_CACHE_SIZE:
-                    cache.clear()
-                cache[word] = cols
-            out.extend(cols)
+            out.extend(self.word_columns(word))
         return out
+
+    def word_columns(self, word: str) -> list[int]:
+        """A char_wb block's columns for one word (cached)."""
+        cache = self._word_columns
+        cols = cache.get(word)
+        if cols is None:
+            lo, hi = self.ngram_range
+            grams = padded_word_ngrams(word, lo, hi)
+            cols = [c for c in map(self.vocab.get, grams) if c is not None]
+            if len(cache) >= WORD_CACHE_SIZE:
+                cache.clear()
+            cache[word] = cols
+        return cols
+
+    def clear_caches(self) -> None:
+        self._word_columns.clear()
+        self._word_sums.clear()
 
 
 class TfidfClassifier:
@@ -144,6 +158,9 @@ class TfidfClassifier:
         text = text.lower()
         logits = self._intercept
         for block in self.blocks:
+            if block.analyzer == "char_wb":
+                logits = self._char_logits(block, text, logits)
+                continue
             cols = block.columns(text)
             if not cols:
                 continue
@@ -174,6 +191,52 @@ class TfidfClassifier:
                     sq += extra * (2.0 + extra) * idf2[col]  # tf² - 1
         inv = 1.0 / math.sqrt(sq)
         return [z + s * inv for z, s in zip(logits, map(sum, zip(*vecs, strict=True)), strict=True)]
+
+    def _char_logits(self, block: TfidfBlock, text: str, logits: list[float]) -> list[float]:
+        """`_sparse_logits` for a char_wb block, from per-word sums (cached, as its columns):
+        the words' rows and idf² add up to the block's as if every n-gram occurred once; an
+        n-gram seen n > 1 times (within a word or across words) is then corrected by
+        (tf - n) times its row, tf = 1 + ln(n). Long inputs go to numpy."""
+        sums = block._word_sums
+        cols: list[int] = []
+        vecs: list[tuple[float, ...]] = []
+        sq = 0.0
+        for word in text.split():
+            entry = sums.get(word)
+            if entry is None:
+                entry = self._word_entry(block, word)
+            wcols, vec, wsq = entry
+            if vec is not None:
+                cols += wcols
+                vecs.append(vec)
+                sq += wsq
+        if not cols:
+            return logits
+        if len(cols) > SPARSE_MAX_COLUMNS:
+            return self._dense_logits(cols, logits)
+        if len(set(cols)) != len(cols):
+            rows, idf2 = self._rows, self._idf2
+            for col, n in Counter(cols).items():
+                if n > 1:
+                    tf = 1.0 + math.log(n)
+                    delta = tf - n
+                    vecs.append(tuple([x * delta for x in rows[col]]))
+                    sq += (tf * tf - n) * idf2[col]
+        inv = 1.0 / math.sqrt(sq)
+        return [z + s * inv for z, s in zip(logits, map(sum, zip(*vecs, strict=True)), strict=True)]
+
+    def _word_entry(self, block: TfidfBlock, word: str) -> WordSums:
+        cols = block.word_columns(word)
+        entry: WordSums = (cols, None, 0.0)
+        if cols:
+            rows = map(self._rows.__getitem__, cols)
+            vec = tuple(map(sum, zip(*rows, strict=True)))
+            entry = (cols, vec, sum(map(self._idf2.__getitem__, cols)))
+        sums = block._word_sums
+        if len(sums) >= WORD_CACHE_SIZE:
+            sums.clear()
+        sums[word] = entry
+        return entry
 
     def _dense_logits(self, cols: list[int], logits: list[float]) -> list[float]:
         """The same with numpy, for long inputs."""
