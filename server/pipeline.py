@@ -202,7 +202,10 @@ async def _generate(
     assignment = None
     if experiments:
         domain = decision.domain if decision is not None and not decision.fallback else None
-        live = experiments.find(requested, domain, tenant.name)
+        named = requested
+        if named is None or named in DEFAULT_MODEL_NAMES:  # the default is in its alias's target
+            named = tenant.default
+        live = experiments.find(named, domain, tenant.name)
         if live is not None:
             user = request.headers.get(USER_HEADER) or request.headers.get("authorization", "")
             assignment = live.assign(tenant.name, user[:256], record.request_id)

@@ -44,6 +44,7 @@ from tests.unit.helpers import (
     wait_until,
 )
 from tests.unit.router_helpers import save_default_tfidf
+from tests.unit.test_registry_api import new_adapter, register
 
 EXP = "experiment:ab"
 
@@ -695,3 +696,26 @@ async def test_domain_target_takes_auto_routed_requests_only(routed: Gateway) ->
     legal = await routed.chat(model="auto", messages=[{"role": "user", "content": LEGAL}])
     assert legal.headers["x-loraplex-adapter"] == "legal@1"
     assert "x-loraplex-experiment" not in legal.headers
+
+
+async def test_a_request_for_the_tenant_default_is_in_the_default_adapters_experiment(
+    gw: Gateway, config: Config
+) -> None:
+    """acme's default is `legal` (its `stable` alias): no model, or "default", is that target."""
+    resp = await register(gw, "legal", new_adapter(config, "legal", 98))
+    assert resp.status_code == 201, resp.text
+    await start(
+        gw,
+        "default-model",
+        target="legal",
+        variants=[
+            {"name": "control", "model": "legal@1"},
+            {"name": "candidate", "model": "legal@2"},
+        ],
+        weights={"candidate": 1.0},
+    )
+    for body in ({}, {"model": "default"}):
+        r = await gw.chat(**body)
+        assert r.status_code == 200, r.text
+        assert r.headers["x-loraplex-variant"] == "candidate"
+        assert r.headers["x-loraplex-adapter"] == "legal@2"
