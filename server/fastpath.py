@@ -38,7 +38,7 @@ from starlette.middleware.errors import ServerErrorMiddleware
 from starlette.middleware.exceptions import ExceptionMiddleware
 from starlette.requests import Request
 from starlette.responses import Response, StreamingResponse
-from starlette.types import ASGIApp, Receive, Scope, Send
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from server.errors import LoraplexError
 from server.routes.openai import serve_generation
@@ -93,10 +93,19 @@ async def stream_watching_disconnect(
             cancelled_by_listener = True
             task.cancel()
 
+    async def send_noting_the_end(message: Message) -> None:
+        nonlocal finished
+        if message["type"] == "http.response.body" and not message.get("more_body", False):
+            # The body is complete: from here on (the response's own clean-up included, as
+            # outside Starlette's task group) a disconnect, or the server reporting one because
+            # the response is complete, cancels nothing.
+            finished = True
+        await send(message)
+
     listener = asyncio.get_running_loop().create_task(listen())
     as_2_4 = {**scope, "asgi": {**(scope.get("asgi") or {}), "spec_version": "2.4"}}
     try:
-        await response(as_2_4, receive, send)
+        await response(as_2_4, receive, send_noting_the_end)
     except asyncio.CancelledError:
         if not cancelled_by_listener or task.uncancel() > 0:
             raise  # cancelled from elsewhere too (shutdown): keep cancelling

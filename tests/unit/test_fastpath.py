@@ -129,6 +129,33 @@ async def test_a_cancellation_from_elsewhere_still_cancels() -> None:
     assert closed == [True]
 
 
+async def test_the_end_of_the_body_is_not_cancelled_by_the_server_reporting_it() -> None:
+    """uvicorn answers receive() with http.disconnect once the response is complete; clean-up
+    that still awaits after the last body message must not be cancelled by that."""
+    peer, stall, closed = _Peer(), asyncio.Event(), list[bool]()
+    stall.set()
+    cleaned: list[bool] = []
+
+    async def send(message: Message) -> None:
+        peer.sent.append(message)
+        if message["type"] == "http.response.body" and not message.get("more_body"):
+            peer.gone.set()  # what uvicorn does once the response is complete
+
+    class SlowCleanUp(StreamingResponse):
+        async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+            try:
+                await super().__call__(scope, receive, send)
+            finally:
+                for _ in range(3):
+                    await asyncio.sleep(0)  # the listener gets to run meanwhile
+                cleaned.append(True)
+
+    response = SlowCleanUp(_events(stall, closed))
+    await stream_watching_disconnect(response, _scope(), peer.receive, send)
+    assert cleaned == [True]
+    assert closed == [True]
+
+
 # --- GatewayApp: generation POSTs skip FastAPI's own per-request layers -----------------------
 
 
