@@ -1,12 +1,13 @@
 """Structured logging: one JSON object per line, extra fields included, never request bodies.
 
 Every request logs one access line, so the handler keeps that cheap: lines logged on the event
-loop's thread are formatted and written once per loop iteration, after the callback that logged
-them (a non-streaming answer is on the socket by then, so the line costs it no latency), and
-all the lines of one iteration go out in one write instead of one write and flush each. Lines
-from other threads, lines with a traceback, and lines logged with no running loop are written
-at once, after anything still pending (the order of lines is kept). `flush()` (called by
-`logging.shutdown` at exit) writes whatever is pending.
+loop's thread are queued and formatted and written together, FLUSH_INTERVAL_S after the first of
+them (or at once when MAX_PENDING are queued): off the request's path (a response is on the
+socket long before its line is written) and one write for many lines instead of a write and
+flush each. Lines from other threads, lines with a traceback, and lines logged with no running
+loop are written at once, after anything still queued (the order of lines is kept). `flush()`
+(also called by `logging.shutdown` at exit) writes whatever is queued; a process killed
+outright loses at most the last FLUSH_INTERVAL_S of lines.
 """
 
 from __future__ import annotations
@@ -20,6 +21,8 @@ from typing import Any, TextIO
 import orjson
 
 _STANDARD = frozenset(logging.makeLogRecord({}).__dict__) | {"message", "asctime"}
+FLUSH_INTERVAL_S = 0.05
+MAX_PENDING = 1024
 
 
 class JsonFormatter(logging.Formatter):
@@ -65,10 +68,13 @@ class LoopBatchingHandler(logging.StreamHandler[TextIO]):
             return
         if record.args:  # render now: the arguments may change before the line is written
             record.msg, record.args = record.getMessage(), None
-        self._pending.append(record)
-        if self._scheduled_on is not loop:
+        pending = self._pending
+        pending.append(record)
+        if len(pending) >= MAX_PENDING:
+            self.flush()
+        elif self._scheduled_on is not loop:
             self._scheduled_on = loop
-            loop.call_soon(self.flush)
+            loop.call_later(FLUSH_INTERVAL_S, self.flush)
 
     def flush(self) -> None:
         self.acquire()

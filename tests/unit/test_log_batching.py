@@ -1,5 +1,5 @@
-"""The access-log handler batches the lines logged on the event loop: written after the
-callback that logged them, one write per loop iteration, in order; other lines at once."""
+"""The log handler queues the lines logged on the event loop and writes them together, a short
+interval later, in order; lines with a traceback or from other threads are written at once."""
 
 from __future__ import annotations
 
@@ -11,7 +11,8 @@ import threading
 import orjson
 import pytest
 
-from server.logs import JsonFormatter, LoopBatchingHandler
+import server.logs
+from server.logs import FLUSH_INTERVAL_S, JsonFormatter, LoopBatchingHandler
 
 
 class CountingStream(io.StringIO):
@@ -38,23 +39,43 @@ def _msgs(stream: CountingStream) -> list[str]:
     return [orjson.loads(line)["msg"] for line in stream.getvalue().splitlines()]
 
 
-async def test_lines_of_one_loop_iteration_go_out_together_and_in_order(
+async def _after_the_interval() -> None:
+    await asyncio.sleep(FLUSH_INTERVAL_S * 2)
+
+
+async def test_lines_go_out_together_after_the_interval_and_in_order(
     logged: tuple[logging.Logger, CountingStream, LoopBatchingHandler],
 ) -> None:
     logger, stream, _ = logged
     logger.info("a")
-    logger.info("b %s", "args rendered")
-    assert stream.getvalue() == ""  # not yet: after this callback
     await asyncio.sleep(0)
+    logger.info("b %s", "args rendered")
+    await asyncio.sleep(0)
+    assert stream.getvalue() == ""  # queued, not written on the request's path
+    await _after_the_interval()
     assert _msgs(stream) == ["a", "b args rendered"]
     assert stream.writes == 1
     logger.info("c")
-    await asyncio.sleep(0)
+    await _after_the_interval()
     assert _msgs(stream)[-1] == "c"
     assert stream.writes == 2
 
 
-async def test_tracebacks_and_other_threads_write_at_once_after_pending_lines(
+async def test_a_full_queue_is_written_at_once(
+    logged: tuple[logging.Logger, CountingStream, LoopBatchingHandler],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    logger, stream, _ = logged
+    monkeypatch.setattr(server.logs, "MAX_PENDING", 3)
+    for i in range(4):
+        logger.info(str(i))
+    assert _msgs(stream) == ["0", "1", "2"]
+    assert stream.writes == 1
+    await _after_the_interval()
+    assert _msgs(stream) == ["0", "1", "2", "3"]
+
+
+async def test_tracebacks_and_other_threads_write_at_once_after_queued_lines(
     logged: tuple[logging.Logger, CountingStream, LoopBatchingHandler],
 ) -> None:
     logger, stream, _ = logged
@@ -72,7 +93,7 @@ async def test_tracebacks_and_other_threads_write_at_once_after_pending_lines(
     assert _msgs(stream) == ["first", "second", "third", "from a thread"]
 
 
-def test_without_a_loop_lines_are_written_at_once_and_flush_drains_pending(
+def test_without_a_loop_lines_are_written_at_once_and_flush_drains_the_queue(
     logged: tuple[logging.Logger, CountingStream, LoopBatchingHandler],
 ) -> None:
     logger, stream, handler = logged
@@ -80,14 +101,15 @@ def test_without_a_loop_lines_are_written_at_once_and_flush_drains_pending(
     assert _msgs(stream) == ["no loop"]
 
     async def log_then_stop() -> None:
-        logger.info("pending when the loop ends")
+        logger.info("queued when the loop ends")
 
     loop = asyncio.new_event_loop()
     try:
         loop.run_until_complete(log_then_stop())
     finally:
-        loop.close()  # the scheduled write may not have run; flush (as at exit) must write it
+        loop.close()  # the timed write never ran; flush (as logging.shutdown does) writes it
+    assert _msgs(stream) == ["no loop"]
     handler.flush()
-    assert _msgs(stream) == ["no loop", "pending when the loop ends"]
+    assert _msgs(stream) == ["no loop", "queued when the loop ends"]
     logger.info("next, after a closed loop")
     assert _msgs(stream)[-1] == "next, after a closed loop"
