@@ -1,7 +1,8 @@
 """A throwaway Prometheus server for tests (Debian's `prometheus` package; scripts/setup installs
 it). It scrapes the given targets every second and evaluates the given rule files, so a test can
 check what a real Prometheus sees of the gateway: series names and labels after a scrape,
-`increase()`/`histogram_quantile()` over them, and alerts that fire from deploy/prometheus rules.
+`increase()`/`histogram_quantile()` over them, and alerts that fire from the chart's rules
+(helm/loraplex/files/alerts.yml).
 The first scrape lands about 5 s after start (Prometheus hands new targets to its scrape loops
 on a fixed 5 s tick, not configurable in 2.42), then every `scrape_interval`. Tests that need
 known data at once load it instead: `Backfill` records registry snapshots at chosen timestamps,

@@ -1,5 +1,5 @@
-"""The gateway's metrics as Prometheus stores them, for checking deploy/prometheus and
-deploy/grafana against the code rather than against a hand-kept list.
+"""The gateway's metrics as Prometheus stores them, for checking the alert rules and the
+dashboard (helm/loraplex/files) against the code rather than against a hand-kept list.
 
 `new_metrics()` builds the real registry (GatewayMetrics and the drift monitor's collector);
 `populate()` puts samples in every series the rules and the dashboard read (requests go through

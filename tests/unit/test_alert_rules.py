@@ -1,5 +1,6 @@
-"""deploy/prometheus: the rules load (promtool), their unit tests pass, every alert is tested
-both ways and documented, and every metric and label they read is one the gateway exposes.
+"""helm/loraplex/files/alerts.yml (the chart's rules) and deploy/prometheus: the rules load
+(promtool), their unit tests pass, every alert is tested both ways and documented, and every
+metric and label they read is one the gateway exposes.
 A real Prometheus then evaluates them over series taken from the gateway's own registry."""
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from tests.unit.metric_catalog import (
 
 ROOT = Path(__file__).resolve().parents[2]
 DEPLOY = ROOT / "deploy" / "prometheus"
-ALERTS = DEPLOY / "alerts.yml"
+ALERTS = ROOT / "helm" / "loraplex" / "files" / "alerts.yml"  # the chart embeds this copy
 ALERTS_TEST = DEPLOY / "alerts_test.yml"
 CONFIG = DEPLOY / "prometheus.yml"
 DOCS = ROOT / "docs" / "alerts.md"

@@ -1,5 +1,6 @@
-"""deploy/grafana/loraplex.json: a well-formed dashboard whose every query reads metrics and
-labels the gateway exposes, and returns data from a real Prometheus holding the gateway's series.
+"""helm/loraplex/files/loraplex-dashboard.json (the chart's dashboard ConfigMap and compose's
+Grafana load this copy): a well-formed dashboard whose every query reads metrics and labels the
+gateway exposes, and returns data from a real Prometheus holding the gateway's series.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from tests.prom import Backfill, prometheus_server, require_binary
 from tests.unit.metric_catalog import catalog, label_problems, metric_names, new_metrics, populate
 
 ROOT = Path(__file__).resolve().parents[2]
-DASHBOARD = ROOT / "deploy" / "grafana" / "loraplex.json"
+DASHBOARD = ROOT / "helm" / "loraplex" / "files" / "loraplex-dashboard.json"
 DATASOURCE = "${datasource}"
 ROWS = ["Traffic", "Adapters", "Router", "Experiments", "Drift"]
 VARIABLES = {"tenant", "adapter", "experiment"}
