@@ -15,9 +15,12 @@ LABEL org.opencontainers.image.title="loraplex" \
       org.opencontainers.image.description="OpenAI-compatible multi-adapter LoRA gateway for vLLM"
 COPY --from=build /install /usr/local
 RUN useradd --system --uid 10001 --no-create-home --shell /usr/sbin/nologin loraplex \
-    && mkdir -p /var/lib/loraplex && chown 10001 /var/lib/loraplex
+    && mkdir -p /var/lib/loraplex/adapters \
+    && chown -R 10001 /var/lib/loraplex
 # Registry (SQLite by default; PostgreSQL via LORAPLEX_REGISTRY__URL for several replicas) and
-# the adapter cache live on a volume the engine pods mount at the same path.
+# the adapter cache live on a volume the engine pods mount at the same path. The adapters
+# directory exists in the image so that a fresh Docker volume mounted there is owned by the
+# gateway user (deploy/docker-compose.yml).
 WORKDIR /var/lib/loraplex
 USER 10001
 ENV PYTHONDONTWRITEBYTECODE=1 \
