@@ -1,13 +1,18 @@
 """Structured logging: one JSON object per line, extra fields included, never request bodies.
 
 Every request logs one access line, so the handler keeps that cheap: lines logged on the event
-loop's thread are queued and formatted and written together, FLUSH_INTERVAL_S after the first of
-them (or at once when MAX_PENDING are queued): off the request's path (a response is on the
-socket long before its line is written) and one write for many lines instead of a write and
-flush each. Lines from other threads, lines with a traceback, and lines logged with no running
-loop are written at once, after anything still queued (the order of lines is kept). `flush()`
-(also called by `logging.shutdown` at exit) writes whatever is queued; a process killed
-outright loses at most the last FLUSH_INTERVAL_S of lines.
+loop's thread are queued, then formatted and written together at the end of the loop iteration
+(a callback scheduled after the one that logged them): off the request's path (a non-streaming
+answer is on the socket by then) and one write for all of an iteration's lines instead of a
+write and flush each (under load, many requests end per iteration). Lines from other threads,
+lines with a traceback, and lines logged with no running loop are written at once, after
+anything still queued (the order of lines is kept). `flush()` (also called by
+`logging.shutdown` at exit) writes whatever is queued.
+
+Measured (uvloop, line-buffered file): about the same CPU per line as writing each at once
+(+6 % with one line per loop iteration, -7 % with eight); what it buys is that formatting and
+writing the line no longer delay the response. A timed flush (every 50 ms) saved little more
+and delayed lines that tests and operators read right after a request.
 """
 
 from __future__ import annotations
@@ -21,8 +26,7 @@ from typing import Any, TextIO
 import orjson
 
 _STANDARD = frozenset(logging.makeLogRecord({}).__dict__) | {"message", "asctime"}
-FLUSH_INTERVAL_S = 0.05
-MAX_PENDING = 1024
+MAX_PENDING = 1024  # written at once beyond this (a loop iteration that never ends)
 
 
 class JsonFormatter(logging.Formatter):
@@ -74,7 +78,7 @@ class LoopBatchingHandler(logging.StreamHandler[TextIO]):
             self.flush()
         elif self._scheduled_on is not loop:
             self._scheduled_on = loop
-            loop.call_later(FLUSH_INTERVAL_S, self.flush)
+            loop.call_soon(self.flush)
 
     def flush(self) -> None:
         self.acquire()
