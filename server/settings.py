@@ -39,6 +39,15 @@ class EngineSettings(BaseModel):
     request_timeout_s: float = 600.0
     read_timeout_s: float = 120.0
     pool_size: int = 512
+    # Idle pooled connections are closed after this long: below the engine's own keep-alive
+    # (vLLM/uvicorn: 5 s), so the gateway never reuses a connection the engine is closing.
+    keepalive_timeout_s: float = Field(4.0, gt=0)
+    # Retries of a request the engine certainly did not start (refused or reset before the
+    # response headers, or a 503 answer): how many more tries, and the full-jitter backoff
+    # (base doubling per retry, capped). server/upstream.py has the rule.
+    retries: int = Field(1, ge=0, le=5)
+    retry_backoff_s: float = Field(0.05, ge=0)
+    retry_backoff_max_s: float = Field(0.25, ge=0)
     retry_after_s: int = 1
     health_interval_s: float = 2.0
 

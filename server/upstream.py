@@ -3,11 +3,32 @@
 aiohttp is on the hot path because it was measured faster here than httpx under concurrency
 (docs/decisions.md). Every transport failure is translated into the gateway's error tree at this
 boundary, so nothing above it sees aiohttp exceptions.
+
+Retries (docs/reliability.md, "Faults"). A POST to the engine is tried again — at most
+`engine.retries` more times, after a full-jitter exponential backoff (`retry_backoff_s`, capped
+by `retry_backoff_max_s`) — only when the engine has certainly not started on it and nothing
+has gone to the client:
+
+- the connection could not be made (refused, unreachable, reset while connecting);
+- the connection was closed or reset before any response header arrived (typically a pooled
+  keep-alive connection the engine closed, or an engine that died and restarted); vLLM aborts
+  a request whose connection is gone, and a generation has no side effects, so a second try
+  cannot produce a second answer for the client;
+- the engine answered 503 (overloaded / not ready: refused before doing anything).
+
+Never retried: timeouts (the engine may be generating), any other status, and anything after
+the response headers — a stream that breaks once started ends with an SSE error event
+instead. Retries happen before `post` / `open_stream` return, so a request that was retried
+has sent no byte to the client; the relay above never retries.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import logging
+import random
+from collections import Counter
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Protocol
@@ -26,6 +47,7 @@ from server.errors import (
 from server.settings import EngineSettings
 
 JSON_HEADERS = {"Content-Type": "application/json"}
+log = logging.getLogger("loraplex.upstream")
 
 
 @dataclass(slots=True)
@@ -118,8 +140,13 @@ class AiohttpEngineClient:
         self._settings = settings
         self._base = settings.url
         connector = aiohttp.TCPConnector(
-            limit=settings.pool_size, limit_per_host=settings.pool_size, keepalive_timeout=60
+            limit=settings.pool_size,
+            limit_per_host=settings.pool_size,
+            keepalive_timeout=settings.keepalive_timeout_s,
         )
+        self._connector = connector
+        # Retries made, by reason (connect, disconnect, status_503): the runtime admin view.
+        self.retried: Counter[str] = Counter()
         self._session = aiohttp.ClientSession(
             connector=connector,
             json_serialize=lambda o: orjson.dumps(o).decode(),
@@ -152,22 +179,58 @@ class AiohttpEngineClient:
         return UpstreamError("The inference engine connection failed.")
 
     async def post(self, path: str, payload: bytes) -> UpstreamResponse:
+        resp = await self._send(path, payload, self._timeout)
         try:
-            async with self._session.post(
-                self._base + path, data=payload, headers=JSON_HEADERS, timeout=self._timeout
-            ) as resp:
-                return UpstreamResponse(resp.status, await resp.read())
+            return UpstreamResponse(resp.status, await resp.read())
         except (TimeoutError, aiohttp.ClientError, OSError) as exc:
             raise self._map_error(exc) from exc
+        finally:
+            resp.release()
 
     async def open_stream(self, path: str, payload: bytes) -> UpstreamStream:
-        try:
-            resp = await self._session.post(
-                self._base + path, data=payload, headers=JSON_HEADERS, timeout=self._stream_timeout
-            )
-        except (TimeoutError, aiohttp.ClientError, OSError) as exc:
-            raise self._map_error(exc) from exc
-        return _AiohttpStream(resp, self._map_error)
+        return _AiohttpStream(
+            await self._send(path, payload, self._stream_timeout), self._map_error
+        )
+
+    async def _send(
+        self, path: str, payload: bytes, limits: aiohttp.ClientTimeout
+    ) -> aiohttp.ClientResponse:
+        """POST until the response headers arrive, retrying by the module docstring's rule."""
+        retries = self._settings.retries
+        for attempt in range(retries + 1):
+            last = attempt == retries
+            try:
+                resp = await self._session.post(
+                    self._base + path, data=payload, headers=JSON_HEADERS, timeout=limits
+                )
+            except (TimeoutError, aiohttp.ClientError, OSError) as exc:
+                reason = retry_reason(exc)
+                if last or reason is None:
+                    raise self._map_error(exc) from exc
+            else:
+                if resp.status != 503 or last:
+                    return resp
+                reason = "status_503"
+                # Read the (small) refusal so the connection can be reused; drop it otherwise.
+                with contextlib.suppress(TimeoutError, aiohttp.ClientError, OSError):
+                    await resp.read()
+                resp.release()
+            self.retried[reason] += 1
+            log.info("engine request retried", extra={"reason": reason, "attempt": attempt + 1})
+            await asyncio.sleep(self._backoff(attempt))
+        raise AssertionError("unreachable: the last attempt returns or raises")
+
+    def _backoff(self, attempt: int) -> float:
+        """Full jitter: uniform in [0, min(max, base * 2**attempt)] (spreads a retry storm)."""
+        s = self._settings
+        ceiling = min(s.retry_backoff_max_s, s.retry_backoff_s * 2**attempt)
+        return random.uniform(0.0, ceiling)  # noqa: S311 (jitter, not crypto)
+
+    def pool_stats(self) -> dict[str, int]:
+        """Engine connections open now: idle in the pool and in use (the runtime admin view)."""
+        idle = sum(len(conns) for conns in getattr(self._connector, "_conns", {}).values())
+        in_use = len(getattr(self._connector, "_acquired", ()))
+        return {"idle": idle, "in_use": in_use}
 
     async def health(self) -> bool:
         try:
@@ -217,6 +280,17 @@ class AiohttpEngineClient:
 
     async def aclose(self) -> None:
         await self._session.close()
+
+
+def retry_reason(exc: BaseException) -> str | None:
+    """Why a failure before the response headers may be retried (None: it may not)."""
+    if isinstance(exc, TimeoutError | aiohttp.ClientSSLError):
+        return None  # a timeout: the engine may be working on it; TLS: it will fail again
+    if isinstance(exc, aiohttp.ClientConnectorError | ConnectionRefusedError):
+        return "connect"
+    if isinstance(exc, aiohttp.ServerDisconnectedError | aiohttp.ClientOSError):
+        return "disconnect"
+    return None
 
 
 def engine_message(body: bytes) -> str:
