@@ -5,14 +5,19 @@ PostgreSQL by URL (several replicas). Every mutation is one transaction that als
 audit entry and bumps a generation counter; the request path never queries the database, it
 reads an immutable in-memory `Snapshot` that is swapped after each local change and reloaded
 when another replica's change bumped the generation (`refresh_if_changed`).
+
+When the database is away (stopped, unreachable, locked) every method raises
+`RegistryUnavailable` (503 `registry_unavailable`) instead of a driver error; the snapshot
+stays as it was, so serving goes on, and the pool reconnects by itself once it is back.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import time
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Iterator, Mapping
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -32,6 +37,7 @@ from adapters.registry_types import (
     InvalidTransition,
     NewVersion,
     Quotas,
+    RegistryUnavailable,
     Snapshot,
     TenantExists,
     TenantNotFound,
@@ -53,6 +59,7 @@ __all__ = [
     "NewVersion",
     "Quotas",
     "Registry",
+    "RegistryUnavailable",
     "Snapshot",
     "TenantExists",
     "TenantNotFound",
@@ -61,6 +68,7 @@ __all__ = [
     "VersionNotFound",
 ]
 
+log = logging.getLogger("loraplex.registry")
 MIGRATIONS = Path(__file__).resolve().parent / "migrations"
 # The newest migration in adapters/migrations/versions (a unit test keeps the two in step):
 # a database already there skips loading Alembic at start.
@@ -77,6 +85,8 @@ class Registry:
         self._engine = engine
         self.snapshot = Snapshot()
         self._write_lock = asyncio.Lock()  # SQLite has one writer; keeps audit order simple
+        # When the database stopped answering (None: the last access worked).
+        self.unavailable_since: float | None = None
 
     @classmethod
     async def open(cls, url: str, interrupted_after_s: float = 600.0) -> Registry:
@@ -112,7 +122,7 @@ class Registry:
     # -- reading -----------------------------------------------------------------------------
 
     async def generation(self) -> int:
-        async with self._engine.connect() as conn:
+        async with self._connect() as conn:
             return int((await conn.execute(sa.select(t.registry_meta.c.generation))).scalar_one())
 
     async def refresh_if_changed(self) -> bool:
@@ -123,7 +133,7 @@ class Registry:
         return True
 
     async def reload(self) -> Snapshot:
-        async with self._engine.connect() as conn:
+        async with self._connect() as conn:
             self.snapshot = await _load_snapshot(conn)
         return self.snapshot
 
@@ -133,7 +143,7 @@ class Registry:
         q = sa.select(t.audit_log).order_by(t.audit_log.c.id.desc()).limit(limit)
         if before_id is not None:
             q = q.where(t.audit_log.c.id < before_id)
-        async with self._engine.connect() as conn:
+        async with self._connect() as conn:
             rows = (await conn.execute(q)).mappings().all()
         return [
             AuditEntry(
@@ -387,7 +397,7 @@ class Registry:
 
     async def record_audit(self, actor: Actor, action: str, target: str, after: Any) -> None:
         """An audit entry for an action that changed nothing stored (e.g. a refused register)."""
-        async with self._engine.begin() as conn:
+        async with self._begin() as conn:
             await _audit(conn, actor, action, target, None, after)
 
     # -- experiments -------------------------------------------------------------------------
@@ -463,7 +473,7 @@ class Registry:
         One conditional UPDATE (or the first INSERT): atomic on SQLite and PostgreSQL alike."""
         now = time.time()
         c = t.leases.c
-        async with self._engine.begin() as conn:
+        async with self._begin() as conn:
             taken = await conn.execute(
                 sa.update(t.leases)
                 .where(c.name == name, sa.or_(c.holder == holder, c.expires_at < now))
@@ -472,7 +482,7 @@ class Registry:
             if taken.rowcount:
                 return True
         try:
-            async with self._engine.begin() as conn:
+            async with self._begin() as conn:
                 await conn.execute(
                     sa.insert(t.leases).values(name=name, holder=holder, expires_at=now + ttl_s)
                 )
@@ -482,13 +492,13 @@ class Registry:
 
     async def release_lease(self, name: str, holder: str) -> None:
         c = t.leases.c
-        async with self._engine.begin() as conn:
+        async with self._begin() as conn:
             await conn.execute(sa.delete(t.leases).where(c.name == name, c.holder == holder))
 
     # -- drift references ------------------------------------------------------------------------
 
     async def drift_references(self) -> dict[str, dict[str, Any]]:
-        async with self._engine.connect() as conn:
+        async with self._connect() as conn:
             rows = (await conn.execute(sa.select(t.drift_references))).mappings().all()
         return {r["tenant"]: dict(r["payload"]) for r in rows}
 
@@ -497,7 +507,7 @@ class Registry:
     ) -> None:
         """Store (None: forget) a tenant's drift reference window; audited without the payload."""
         c = t.drift_references.c
-        async with self._engine.begin() as conn:
+        async with self._begin() as conn:
             await conn.execute(sa.delete(t.drift_references).where(c.tenant == tenant))
             if payload is not None:
                 await conn.execute(
@@ -517,15 +527,47 @@ class Registry:
     # -- plumbing ------------------------------------------------------------------------------
 
     @contextlib.asynccontextmanager
+    async def _connect(self) -> AsyncIterator[AsyncConnection]:
+        with self._availability():
+            async with self._engine.connect() as conn:
+                yield conn
+
+    @contextlib.asynccontextmanager
+    async def _begin(self) -> AsyncIterator[AsyncConnection]:
+        with self._availability():
+            async with self._engine.begin() as conn:
+                yield conn
+
+    @contextlib.contextmanager
+    def _availability(self) -> Iterator[None]:
+        """Database-away errors → `RegistryUnavailable` (anything else, e.g. a constraint,
+        passes through unchanged); `unavailable_since` follows what the last access saw."""
+        try:
+            yield
+        except Exception as exc:
+            if not _database_away(exc):
+                raise
+            if self.unavailable_since is None:
+                self.unavailable_since = time.time()
+                log.warning("registry database unavailable", extra={"error": repr(exc)[:300]})
+            raise RegistryUnavailable(
+                "The adapter registry database is unavailable; try again shortly."
+            ) from exc
+        if self.unavailable_since is not None:
+            away = round(time.time() - self.unavailable_since, 1)
+            self.unavailable_since = None
+            log.warning("registry database reachable again", extra={"unavailable_s": away})
+
+    @contextlib.asynccontextmanager
     async def _mutation(self) -> AsyncIterator[AsyncConnection]:
         """One serialized transaction (its audit rows bump the generation), then a reload."""
-        async with self._write_lock, self._engine.begin() as conn:
+        async with self._write_lock, self._begin() as conn:
             yield conn
         await self.reload()
 
     async def _reject_interrupted(self, cutoff: float) -> None:
         c = t.adapter_versions.c
-        async with self._engine.begin() as conn:
+        async with self._begin() as conn:
             rows = (
                 await conn.execute(
                     sa.select(c.name, c.version).where(
@@ -555,6 +597,28 @@ class Registry:
                     {"state": "rejected", "reason": reason},
                 )
             await _bump(conn)
+
+
+def _database_away(exc: BaseException) -> bool:
+    """Connection-level trouble, not a problem with the statement: refused or lost
+    connections, pool or connect timeouts, SQLite's locked / unopenable file, and
+    PostgreSQL's SQLSTATE classes 08 (connection exception) and 57 (operator intervention:
+    shutting down, starting up)."""
+    if isinstance(
+        exc,
+        OSError
+        | TimeoutError
+        | sa.exc.OperationalError
+        | sa.exc.InterfaceError
+        | sa.exc.DisconnectionError
+        | sa.exc.TimeoutError,
+    ):
+        return True
+    if isinstance(exc, sa.exc.DBAPIError) and exc.connection_invalidated:
+        return True
+    orig = getattr(exc, "orig", None)
+    sqlstate = getattr(exc, "sqlstate", None) or getattr(orig, "sqlstate", None)
+    return isinstance(sqlstate, str) and sqlstate[:2] in ("08", "57")
 
 
 def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:

@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from adapters.types import DEFAULT_ALIAS, AdapterRef, AdapterVersion
-from server.errors import Conflict, NotFound
+from server.errors import Conflict, LoraplexError, NotFound
 
 
 class VersionNotFound(NotFound):
@@ -37,6 +37,19 @@ class ExperimentNotFound(NotFound):
 
 class ExperimentExists(Conflict):
     code = "experiment_exists"
+
+
+class RegistryUnavailable(LoraplexError):
+    """The registry database cannot be reached (stopped, unreachable, locked) right now.
+    Requests keep being served from the in-memory snapshot; mutations and reads that need
+    the database answer 503 until it is back."""
+
+    status = 503
+    code = "registry_unavailable"
+    type = "server_error"
+
+    def __init__(self, message: str, *, retry_after_s: int = 5) -> None:
+        super().__init__(message, headers={"Retry-After": str(retry_after_s)})
 
 
 @dataclass(frozen=True, slots=True)
