@@ -22,7 +22,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from adapters.archive import ArchiveLimits
 from adapters.lifecycle import AdapterLifecycle
 from adapters.loader import Residency
-from adapters.registry import SYSTEM, Registry
+from adapters.registry import SYSTEM, Registry, RegistryUnavailable
 from adapters.sources import SourceResolver, SourceSettings
 from adapters.types import NAME_RE, VersionState
 from adapters.validate import ValidationLimits
@@ -34,7 +34,15 @@ from server.experiments.controller import start_controller
 from server.experiments.service import ExperimentService, FeedbackMemory
 from server.experiments.shadow import ShadowMirror
 from server.fastpath import GenerationFastPath
-from server.routes import admin, admin_experiments, admin_tenants, feedback, health, openai
+from server.routes import (
+    admin,
+    admin_experiments,
+    admin_runtime,
+    admin_tenants,
+    feedback,
+    health,
+    openai,
+)
 from server.routes.admin_drift import router as drift_router
 from server.routes.admin_drift import start_drift, sync_drift
 from server.routing import AutoRouting
@@ -90,6 +98,7 @@ def create_app(settings: Settings, engine_factory: EngineFactory | None = None) 
     app.include_router(admin_tenants.router)
     app.include_router(drift_router)
     app.include_router(admin_experiments.router)
+    app.include_router(admin_runtime.router)
     app.include_router(feedback.router)
     app.include_router(health.router)
     _install_error_handlers(app)
@@ -185,6 +194,8 @@ async def watch_engine(state: GatewayState) -> None:
         wanted = state.reconcile_wanted.is_set()
         state.reconcile_wanted.clear()
         up = await state.engine.health()
+        if up and status.up and status.reconciled and not wanted:
+            wanted = await engine_lost_adapters(state)
         if up and (not status.up or not status.reconciled or wanted):
             try:
                 if bootstrap:
@@ -215,6 +226,22 @@ async def watch_engine(state: GatewayState) -> None:
                 await state.reconcile_wanted.wait()
 
 
+async def engine_lost_adapters(state: GatewayState) -> bool:
+    """An engine restarted between two health probes never looked down (tests/faults): ask
+    it what it serves and reconcile when something registered on it is missing."""
+    registered = state.residency.registered_names()
+    if not registered:
+        return False
+    try:
+        served = await state.engine.served_models()
+    except LoraplexError:
+        return False  # the next health probe tells whether it is down
+    missing = set(registered) - served
+    if missing:
+        log.warning("engine lost registered adapters (restarted?)", extra={"count": len(missing)})
+    return bool(missing)
+
+
 async def register_bootstrap(state: GatewayState, adapters: dict[str, str]) -> None:
     for name, source in adapters.items():
         try:
@@ -236,15 +263,22 @@ async def reconcile_engine(state: GatewayState) -> None:
 
 
 async def follow_registry(state: GatewayState) -> None:
-    """Another replica changed the registry: apply pins and drop what is no longer routable."""
+    """Another replica changed the registry: apply pins and drop what is no longer routable.
+
+    The database may be away for a while (the registry logs when an outage starts and ends):
+    requests keep the last snapshot, and this never raises, since it runs inside the engine
+    watcher, which must keep tracking the engine meanwhile."""
     try:
         changed = await state.registry.refresh_if_changed()
-    except Exception:  # the database may be briefly away; requests keep the last snapshot
-        log.warning("registry refresh failed", exc_info=True)
+        if changed:
+            await sync_drift(state)  # another replica may have set or reset a drift reference
+    except RegistryUnavailable:
+        return  # polled again next round
+    except Exception:
+        log.exception("registry refresh failed")
         return
     if not changed:
         return
-    await sync_drift(state)  # another replica may have set or reset a drift reference
     versions = state.registry.snapshot.versions
     for slot in state.residency.slots():
         version = versions.get((slot.version.name, slot.version.version))
