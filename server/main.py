@@ -95,7 +95,7 @@ def _serve(args: argparse.Namespace) -> int:
         create_app(settings),
         host=settings.host,
         port=settings.port,
-        loop="uvloop",
+        loop="server.gc_tuning:serving_event_loop",  # uvloop, GC tuned for serving
         http="httptools",
         log_level="warning",
         access_log=False,
