@@ -44,7 +44,26 @@ class LoraplexError(Exception):
 
 
 def error_payload(message: str, type_: str, code: str, param: str | None = None) -> dict[str, Any]:
-    return {"error": {"message": message, "type": type_, "param": param, "code": code}}
+    return {
+        "error": {
+            "message": printable(message),
+            "type": type_,
+            "param": None if param is None else printable(param),
+            "code": code,
+        }
+    }
+
+
+# A client's bytes reach messages and params (a model or adapter name, an unknown field's
+# name): control characters in them (C0, DEL, C1, Unicode line/paragraph separators) are shown
+# escaped, so an error can never carry a raw CR/LF into a log line, a terminal or a header.
+_ESCAPES = {c: f"\\x{c:02x}" for c in (*range(0x20), *range(0x7F, 0xA0))}
+_ESCAPES.update({0x2028: "\\u2028", 0x2029: "\\u2029"})
+
+
+def printable(text: str) -> str:
+    """`text` with its control characters written as escapes (`\\n` → `\\x0a`)."""
+    return text.translate(_ESCAPES)
 
 
 class BadRequest(LoraplexError):
