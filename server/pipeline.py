@@ -48,15 +48,23 @@ ENDPOINTS: dict[str, tuple[str, type[ChatCompletionRequest] | type[CompletionReq
 }
 
 
+# How deeply a JSON body may nest (the body object is level 1). orjson parses 1024 levels but
+# writes only 254, and the registry's json module and FastAPI's encoder recurse in Python: a
+# deeper body would parse, then fail (500) when forwarded, stored or echoed. OpenAI bodies,
+# tool and JSON schemas included, nest a few dozen levels.
+MAX_JSON_DEPTH = 128
+
+
 async def read_body(request: Request, limit: int) -> bytes:
-    """Read the body, refusing (413) before reading it whole when it is over `limit`."""
+    """Read the body, refusing (413) before reading it whole when it is over `limit`: at once
+    when Content-Length says so, else as soon as the bytes read pass it (chunked, or a
+    Content-Length that lied low)."""
     declared = request.headers.get("content-length")
     if declared is not None:
-        try:
-            if int(declared) > limit:
-                raise PayloadTooLarge(f"Request body exceeds {limit} bytes.")
-        except ValueError:
-            raise BadRequest("Invalid Content-Length header.") from None
+        if not (declared.isascii() and declared.isdigit()):  # no sign, space, `_` or `0x`
+            raise BadRequest("Invalid Content-Length header.")
+        if len(declared) > 18 or int(declared) > limit:  # int() refuses > 4300 digits
+            raise PayloadTooLarge(f"Request body exceeds {limit} bytes.")
     chunks: list[bytes] = []
     size = 0
     async for chunk in request.stream():
@@ -71,10 +79,15 @@ def parse_request(raw: bytes, schema: type[BaseModel]) -> tuple[dict[str, Any], 
     """JSON-decode and check the fields the gateway relies on; keep the dict for forwarding."""
     try:
         body = orjson.loads(raw)
-    except orjson.JSONDecodeError:
+    except orjson.JSONDecodeError as exc:
+        if "depth limit" in str(exc):
+            raise _too_deep() from None
         raise InvalidJSON("Request body is not valid JSON (or not UTF-8).") from None
     if not isinstance(body, dict):
         raise InvalidJSON("Request body must be a JSON object.")
+    # Counting brackets (strings' included) is a fast bound: fewer cannot nest deeper.
+    if raw.count(b"[") + raw.count(b"{") > MAX_JSON_DEPTH and _deeper_than(body, MAX_JSON_DEPTH):
+        raise _too_deep()
     try:
         parsed = schema.model_validate(body)
     except ValidationError as exc:
@@ -82,6 +95,23 @@ def parse_request(raw: bytes, schema: type[BaseModel]) -> tuple[dict[str, Any], 
         param = _param_path(first["loc"], body, missing=first["type"] == "missing")
         raise BadRequest(f"Invalid request: {param}: {first['msg']}", param=param) from None
     return body, parsed
+
+
+def _too_deep() -> InvalidJSON:
+    return InvalidJSON(f"Request body is nested too deeply (more than {MAX_JSON_DEPTH} levels).")
+
+
+def _deeper_than(value: dict[str, Any], limit: int) -> bool:
+    """Whether `value` nests more than `limit` levels (walked without recursion)."""
+    stack: list[tuple[dict[str, Any] | list[Any], int]] = [(value, 1)]
+    while stack:
+        node, depth = stack.pop()
+        if depth > limit:
+            return True
+        for child in node.values() if isinstance(node, dict) else node:
+            if isinstance(child, dict | list):
+                stack.append((child, depth + 1))
+    return False
 
 
 def _param_path(loc: tuple[int | str, ...], body: Any, missing: bool) -> str | None:
