@@ -9,6 +9,7 @@ import time
 import uuid
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
+from typing import Any
 
 import orjson
 import yaml
@@ -34,6 +35,7 @@ from server.experiments.controller import start_controller
 from server.experiments.service import ExperimentService, FeedbackMemory
 from server.experiments.shadow import ShadowMirror
 from server.fastpath import GenerationFastPath
+from server.protocol import without_fastapi_422
 from server.routes import (
     admin,
     admin_experiments,
@@ -333,6 +335,13 @@ def _install_error_handlers(app: FastAPI) -> None:
         body = error_payload("Internal gateway error.", "server_error", "internal_error")
         return _json(body, 500, {"X-Request-Id": rid} if rid else None)
 
+    # What on_validation_error answers (400, error shape) is what the OpenAPI document says.
+    openapi = app.openapi
+
+    def documented() -> dict[str, Any]:
+        return without_fastapi_422(openapi())  # FastAPI caches the document it returns
+
+    app.openapi = documented  # type: ignore[method-assign]
     app.add_exception_handler(LoraplexError, on_loraplex_error)
     app.add_exception_handler(RequestValidationError, on_validation_error)
     app.add_exception_handler(StarletteHTTPException, on_http_error)

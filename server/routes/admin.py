@@ -4,9 +4,9 @@ an audit entry (read it at /admin/v1/audit)."""
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Annotated, Any
 
-from fastapi import APIRouter, Depends
+from fastapi import APIRouter, Depends, Path
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.requests import Request
 from starlette.responses import JSONResponse
@@ -14,14 +14,22 @@ from starlette.responses import JSONResponse
 from adapters.registry import VersionNotFound
 from adapters.types import ALIAS_RE, NAME_RE, AdapterVersion
 from server.errors import Conflict
-from server.protocol import openapi_body
-from server.routes.admin_common import actor, json_body, require_admin
+from server.protocol import MAX_INT32, error_responses, openapi_body
+from server.routes.admin_common import ADMIN_AUTH_ERRORS, actor, json_body, require_admin
 from server.state import get_state
 
-router = APIRouter(prefix="/admin/v1", tags=["admin"], dependencies=[Depends(require_admin)])
+router = APIRouter(
+    prefix="/admin/v1",
+    tags=["admin"],
+    dependencies=[Depends(require_admin)],
+    responses=ADMIN_AUTH_ERRORS,
+)
 
 NAME = NAME_RE.pattern
 ALIAS = ALIAS_RE.pattern
+# A version number in a path: a positive 32-bit integer like the registry's column (a larger
+# one is a 400, not a database overflow).
+Version = Annotated[int, Path(ge=1, le=MAX_INT32)]
 
 
 class RegisterRequest(BaseModel):
@@ -45,7 +53,7 @@ class ValidateRequest(BaseModel):
 
 class AliasRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    version: int = Field(ge=1)
+    version: int = Field(ge=1, le=MAX_INT32)
 
 
 class VersionView(BaseModel):
@@ -136,7 +144,10 @@ async def list_adapters(request: Request) -> AdapterListView:
     status_code=201,
     response_model=VersionView,
     openapi_extra=openapi_body(RegisterRequest),
-    responses={200: {"description": "a ready version with the same content already existed"}},
+    responses={
+        200: {"description": "a ready version with the same content already existed"},
+        **error_responses(400, 409, 413, 422, 502, 503),
+    },
 )
 async def register_adapter(request: Request) -> Any:
     """Fetch, validate against the served base, smoke-test on the engine, then mark ready."""
@@ -156,7 +167,11 @@ async def register_adapter(request: Request) -> Any:
     return JSONResponse(view.model_dump(mode="json"), status_code=201 if created else 200)
 
 
-@router.post("/adapters/validate", openapi_extra=openapi_body(ValidateRequest))
+@router.post(
+    "/adapters/validate",
+    openapi_extra=openapi_body(ValidateRequest),
+    responses=error_responses(400, 413, 422, 502),
+)
 async def validate_adapter(request: Request) -> dict[str, Any]:
     """Every static check, without registering (nothing is stored, nothing reaches the engine)."""
     body = await json_body(request, ValidateRequest)
@@ -174,23 +189,35 @@ async def validate_adapter(request: Request) -> dict[str, Any]:
     }
 
 
-@router.get("/adapters/{name}", response_model=AdapterView)
+@router.get("/adapters/{name}", response_model=AdapterView, responses=error_responses(404))
 async def get_adapter(name: str, request: Request) -> AdapterView:
     return _adapter(request, name)
 
 
-@router.get("/adapters/{name}/versions/{version}", response_model=VersionView)
-async def get_version(name: str, version: int, request: Request) -> VersionView:
+@router.get(
+    "/adapters/{name}/versions/{version}",
+    response_model=VersionView,
+    responses=error_responses(400, 404),
+)
+async def get_version(name: str, version: Version, request: Request) -> VersionView:
     return _view(request, _version(request, name, version))
 
 
-@router.post("/adapters/{name}/versions/{version}/validate", response_model=VersionView)
-async def revalidate_version(name: str, version: int, request: Request) -> VersionView:
+@router.post(
+    "/adapters/{name}/versions/{version}/validate",
+    response_model=VersionView,
+    responses=error_responses(400, 404, 409, 413, 422, 502, 503),
+)
+async def revalidate_version(name: str, version: Version, request: Request) -> VersionView:
     v = await get_state(request).lifecycle.revalidate(name, version, actor(request))
     return _view(request, v)
 
 
-@router.put("/adapters/{name}/aliases/{alias}", openapi_extra=openapi_body(AliasRequest))
+@router.put(
+    "/adapters/{name}/aliases/{alias}",
+    openapi_extra=openapi_body(AliasRequest),
+    responses=error_responses(400, 404, 409, 413, 503),
+)
 async def move_alias(name: str, alias: str, request: Request) -> dict[str, Any]:
     """Point `name@alias` at a ready version; new requests resolve to it at once, requests
     already resolved finish on the version they started with."""
@@ -201,32 +228,48 @@ async def move_alias(name: str, alias: str, request: Request) -> dict[str, Any]:
     return {"name": name, "alias": alias, "before": before, "version": after}
 
 
-@router.delete("/adapters/{name}/aliases/{alias}")
+@router.delete("/adapters/{name}/aliases/{alias}", responses=error_responses(400, 404, 409, 503))
 async def delete_alias(name: str, alias: str, request: Request) -> dict[str, Any]:
     before, _ = await get_state(request).registry.set_alias(name, alias[:32], None, actor(request))
     return {"name": name, "alias": alias, "before": before, "version": None}
 
 
-@router.post("/adapters/{name}/versions/{version}/pin", response_model=VersionView)
-async def pin_version(name: str, version: int, request: Request) -> VersionView:
+@router.post(
+    "/adapters/{name}/versions/{version}/pin",
+    response_model=VersionView,
+    responses=error_responses(400, 404, 409, 422, 503),
+)
+async def pin_version(name: str, version: Version, request: Request) -> VersionView:
     v = await get_state(request).lifecycle.set_pinned(name, version, True, actor(request))
     return _view(request, v)
 
 
-@router.delete("/adapters/{name}/versions/{version}/pin", response_model=VersionView)
-async def unpin_version(name: str, version: int, request: Request) -> VersionView:
+@router.delete(
+    "/adapters/{name}/versions/{version}/pin",
+    response_model=VersionView,
+    responses=error_responses(400, 404, 409, 503),
+)
+async def unpin_version(name: str, version: Version, request: Request) -> VersionView:
     v = await get_state(request).lifecycle.set_pinned(name, version, False, actor(request))
     return _view(request, v)
 
 
-@router.post("/adapters/{name}/versions/{version}/retire", response_model=VersionView)
-async def retire_version(name: str, version: int, request: Request) -> VersionView:
+@router.post(
+    "/adapters/{name}/versions/{version}/retire",
+    response_model=VersionView,
+    responses=error_responses(400, 404, 409, 503),
+)
+async def retire_version(name: str, version: Version, request: Request) -> VersionView:
     v = await get_state(request).lifecycle.retire(name, version, actor(request))
     return _view(request, v)
 
 
-@router.delete("/adapters/{name}/versions/{version}", response_model=VersionView)
-async def delete_version(name: str, version: int, request: Request) -> VersionView:
+@router.delete(
+    "/adapters/{name}/versions/{version}",
+    response_model=VersionView,
+    responses=error_responses(400, 404, 409, 503),
+)
+async def delete_version(name: str, version: Version, request: Request) -> VersionView:
     v = await get_state(request).lifecycle.delete(name, version, actor(request))
     return _view(request, v)
 

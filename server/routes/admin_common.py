@@ -10,10 +10,13 @@ from starlette.requests import Request
 from adapters.registry import Actor
 from server.auth import hash_key
 from server.pipeline import parse_request, read_body
+from server.protocol import error_responses
 from server.state import GatewayState, get_state
 
 ACTOR_HEADER = "x-loraplex-actor"
 Body = TypeVar("Body", bound=BaseModel)
+# Every admin route: no key or an unknown one (401), a tenant key (403).
+ADMIN_AUTH_ERRORS = error_responses(401, 403)
 
 
 def require_admin(request: Request) -> GatewayState:

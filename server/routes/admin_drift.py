@@ -23,14 +23,19 @@ from starlette.requests import Request
 
 from adapters.registry import SYSTEM, TenantNotFound
 from server.errors import Conflict
-from server.protocol import openapi_body
-from server.routes.admin_common import actor, json_body, require_admin
+from server.protocol import error_responses, openapi_body
+from server.routes.admin_common import ADMIN_AUTH_ERRORS, actor, json_body, require_admin
 from server.routing import AutoRouting
 from server.state import GatewayState, get_state
 from server.telemetry.drift import DriftMonitor, WindowTooSmall
 from server.telemetry.drift_export import report
 
-router = APIRouter(prefix="/admin/v1", tags=["admin"], dependencies=[Depends(require_admin)])
+router = APIRouter(
+    prefix="/admin/v1",
+    tags=["admin"],
+    dependencies=[Depends(require_admin)],
+    responses=ADMIN_AUTH_ERRORS,
+)
 log = logging.getLogger("loraplex.drift")
 
 
@@ -75,7 +80,11 @@ async def drift(request: Request) -> dict[str, Any]:
     return {"object": "drift", "enabled": True, "settings": settings, "data": data}
 
 
-@router.post("/drift/{tenant}/reference", openapi_extra=openapi_body(ReferenceRequest))
+@router.post(
+    "/drift/{tenant}/reference",
+    openapi_extra=openapi_body(ReferenceRequest),
+    responses=error_responses(400, 404, 409, 413, 503),
+)
 async def set_reference(tenant: str, request: Request) -> dict[str, Any]:
     """Set (from the current window) or reset a tenant's drift reference; audited."""
     state = get_state(request)

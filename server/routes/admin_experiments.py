@@ -18,12 +18,15 @@ from server.errors import Conflict, LoraplexError
 from server.experiments import controller as ctl
 from server.experiments.analysis import VariantStats, evaluate
 from server.experiments.sources import MetricsUnavailable
-from server.protocol import openapi_body
-from server.routes.admin_common import actor, json_body, require_admin
+from server.protocol import error_responses, openapi_body
+from server.routes.admin_common import ADMIN_AUTH_ERRORS, actor, json_body, require_admin
 from server.state import GatewayState, get_state
 
 router = APIRouter(
-    prefix="/admin/v1/experiments", tags=["admin"], dependencies=[Depends(require_admin)]
+    prefix="/admin/v1/experiments",
+    tags=["admin"],
+    dependencies=[Depends(require_admin)],
+    responses=ADMIN_AUTH_ERRORS,
 )
 
 
@@ -78,7 +81,12 @@ async def list_experiments(request: Request) -> dict[str, Any]:
     return {"object": "list", "data": [_view(r) for _, r in sorted(exps.items())]}
 
 
-@router.post("", status_code=201, openapi_extra=openapi_body(ExperimentCreate))
+@router.post(
+    "",
+    status_code=201,
+    openapi_extra=openapi_body(ExperimentCreate),
+    responses=error_responses(400, 409, 413, 503),
+)
 async def create_experiment(request: Request) -> dict[str, Any]:
     state = get_state(request)
     body = await json_body(request, ExperimentCreate)
@@ -87,12 +95,12 @@ async def create_experiment(request: Request) -> dict[str, Any]:
     return _view(await ctl.create(state.registry, body.name, spec, actor(request), base))
 
 
-@router.get("/{name}")
+@router.get("/{name}", responses=error_responses(404))
 async def get_experiment(request: Request, name: str) -> dict[str, Any]:
     return _view(_get(get_state(request), name))
 
 
-@router.get("/{name}/analysis")
+@router.get("/{name}/analysis", responses=error_responses(404, 503))
 async def analyse_experiment(request: Request, name: str) -> dict[str, Any]:
     """The guardrail verdict per candidate over the current window, computed now (read-only)."""
     state = get_state(request)
@@ -121,14 +129,14 @@ async def analyse_experiment(request: Request, name: str) -> dict[str, Any]:
     return {"experiment": name, "window_s": window, "requests": requests, "verdicts": verdicts}
 
 
-@router.post("/{name}/pause")
+@router.post("/{name}/pause", responses=error_responses(404, 409, 503))
 async def pause_experiment(request: Request, name: str) -> dict[str, Any]:
     state = get_state(request)
     rec = _get(state, name)
     return _view(await ctl.set_status(state.registry, rec, "paused", actor(request)))
 
 
-@router.post("/{name}/resume")
+@router.post("/{name}/resume", responses=error_responses(404, 409, 503))
 async def resume_experiment(request: Request, name: str) -> dict[str, Any]:
     state = get_state(request)
     rec = _get(state, name)
@@ -137,7 +145,11 @@ async def resume_experiment(request: Request, name: str) -> dict[str, Any]:
     )
 
 
-@router.post("/{name}/weights", openapi_extra=openapi_body(WeightsBody))
+@router.post(
+    "/{name}/weights",
+    openapi_extra=openapi_body(WeightsBody),
+    responses=error_responses(400, 404, 409, 413, 503),
+)
 async def set_weights(request: Request, name: str) -> dict[str, Any]:
     state = get_state(request)
     body = await json_body(request, WeightsBody)
@@ -145,7 +157,11 @@ async def set_weights(request: Request, name: str) -> dict[str, Any]:
     return _view(await ctl.set_weights(state.registry, rec, body.weights, actor(request)))
 
 
-@router.post("/{name}/promote", openapi_extra=openapi_body(PromoteBody))
+@router.post(
+    "/{name}/promote",
+    openapi_extra=openapi_body(PromoteBody),
+    responses=error_responses(400, 404, 409, 413, 503),
+)
 async def promote_experiment(request: Request, name: str) -> dict[str, Any]:
     state = get_state(request)
     body = await json_body(request, PromoteBody)
@@ -153,14 +169,14 @@ async def promote_experiment(request: Request, name: str) -> dict[str, Any]:
     return _view(await ctl.promote(state.registry, rec, body.variant, actor(request)))
 
 
-@router.post("/{name}/abort")
+@router.post("/{name}/abort", responses=error_responses(404, 409, 503))
 async def abort_experiment(request: Request, name: str) -> dict[str, Any]:
     state = get_state(request)
     rec = _get(state, name)
     return _view(await ctl.abort(state.registry, rec, actor(request)))
 
 
-@router.delete("/{name}")
+@router.delete("/{name}", responses=error_responses(404, 409, 503))
 async def delete_experiment(request: Request, name: str) -> dict[str, Any]:
     state = get_state(request)
     rec = _get(state, name)

@@ -16,10 +16,15 @@ from typing import Any
 from fastapi import APIRouter, Depends
 from starlette.requests import Request
 
-from server.routes.admin_common import require_admin
+from server.routes.admin_common import ADMIN_AUTH_ERRORS, require_admin
 from server.state import get_state
 
-router = APIRouter(prefix="/admin/v1", tags=["admin"], dependencies=[Depends(require_admin)])
+router = APIRouter(
+    prefix="/admin/v1",
+    tags=["admin"],
+    dependencies=[Depends(require_admin)],
+    responses=ADMIN_AUTH_ERRORS,
+)
 
 
 @router.get("/runtime")

@@ -16,11 +16,16 @@ from adapters.registry import Quotas, TenantNotFound, TenantRecord
 from adapters.types import NAME_RE
 from server.auth import hash_key
 from server.errors import BadRequest
-from server.protocol import openapi_body
-from server.routes.admin_common import actor, json_body, require_admin
+from server.protocol import MAX_INT32, error_responses, openapi_body
+from server.routes.admin_common import ADMIN_AUTH_ERRORS, actor, json_body, require_admin
 from server.state import GatewayState, get_state
 
-router = APIRouter(prefix="/admin/v1", tags=["admin"], dependencies=[Depends(require_admin)])
+router = APIRouter(
+    prefix="/admin/v1",
+    tags=["admin"],
+    dependencies=[Depends(require_admin)],
+    responses=ADMIN_AUTH_ERRORS,
+)
 
 
 class QuotasBody(BaseModel):
@@ -101,7 +106,12 @@ async def list_tenants(request: Request) -> dict[str, Any]:
     return {"object": "list", "data": [_view(tenants[n]) for n in sorted(tenants)]}
 
 
-@router.post("/tenants", status_code=201, openapi_extra=openapi_body(TenantCreate))
+@router.post(
+    "/tenants",
+    status_code=201,
+    openapi_extra=openapi_body(TenantCreate),
+    responses=error_responses(400, 409, 413, 503),
+)
 async def create_tenant(request: Request) -> dict[str, Any]:
     """Create a tenant with a fresh API key, shown only in this response."""
     body = await json_body(request, TenantCreate)
@@ -119,12 +129,16 @@ async def create_tenant(request: Request) -> dict[str, Any]:
     return {**_view(record), "api_key": key}
 
 
-@router.get("/tenants/{name}")
+@router.get("/tenants/{name}", responses=error_responses(404))
 async def get_tenant(name: str, request: Request) -> dict[str, Any]:
     return _view(_tenant(get_state(request), name))
 
 
-@router.patch("/tenants/{name}", openapi_extra=openapi_body(TenantPatch))
+@router.patch(
+    "/tenants/{name}",
+    openapi_extra=openapi_body(TenantPatch),
+    responses=error_responses(400, 404, 413, 503),
+)
 async def update_tenant(name: str, request: Request) -> dict[str, Any]:
     """Change entitlements, default model or quotas (fields left out stay as they are)."""
     state = get_state(request)
@@ -144,7 +158,11 @@ async def update_tenant(name: str, request: Request) -> dict[str, Any]:
     return _view(record)
 
 
-@router.post("/tenants/{name}/rotate-key", openapi_extra=openapi_body(RotateRequest))
+@router.post(
+    "/tenants/{name}/rotate-key",
+    openapi_extra=openapi_body(RotateRequest),
+    responses=error_responses(400, 404, 413, 503),
+)
 async def rotate_key(name: str, request: Request) -> dict[str, Any]:
     """Issue a new key; the previous one stays valid until the next rotation if asked."""
     state = get_state(request)
@@ -159,17 +177,17 @@ async def rotate_key(name: str, request: Request) -> dict[str, Any]:
     return {**_view(record), "api_key": key}
 
 
-@router.delete("/tenants/{name}")
+@router.delete("/tenants/{name}", responses=error_responses(404, 503))
 async def delete_tenant(name: str, request: Request) -> dict[str, Any]:
     before = await get_state(request).registry.delete_tenant(name, actor(request))
     return {**_view(before), "deleted": True}
 
 
-@router.get("/audit")
+@router.get("/audit", responses=error_responses(400, 503))
 async def audit(
     request: Request,
     limit: int = Query(100, ge=1, le=1000),
-    before: int | None = Query(None, ge=1, description="entries older than this id"),
+    before: int | None = Query(None, ge=1, le=MAX_INT32, description="entries older than this id"),
 ) -> dict[str, Any]:
     """Newest first; page with `before=<last id>`."""
     entries = await get_state(request).registry.audit_entries(limit, before)

@@ -11,7 +11,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from starlette.requests import Request
 
 from server.errors import Conflict, NotFound
-from server.protocol import openapi_body
+from server.protocol import error_responses, openapi_body
 from server.routes.admin_common import json_body
 from server.state import get_state
 
@@ -42,12 +42,7 @@ class FeedbackExists(Conflict):
 @router.post(
     "/v1/feedback",
     openapi_extra=openapi_body(FeedbackBody),
-    responses={
-        400: {"description": "Malformed body"},
-        401: {"description": "Missing or unknown API key"},
-        404: {"description": "Unknown request id (or not served in an experiment)"},
-        409: {"description": "Feedback already recorded for this request"},
-    },
+    responses=error_responses(400, 401, 404, 409, 413),
 )
 async def feedback(request: Request) -> dict[str, Any]:
     state = get_state(request)

@@ -6,6 +6,7 @@ import time
 from typing import Any
 
 from fastapi import APIRouter
+from pydantic import BaseModel
 from starlette.requests import Request
 from starlette.responses import Response
 
@@ -17,6 +18,7 @@ from server.protocol import (
     CompletionRequest,
     ModelCard,
     ModelList,
+    error_responses,
     openapi_body,
 )
 from server.relay import RequestRecord
@@ -24,18 +26,35 @@ from server.state import get_state
 
 router = APIRouter(tags=["openai"])
 
-_ERRORS: dict[int | str, dict[str, Any]] = {
-    code: {"description": desc}
-    for code, desc in [
-        (400, "Malformed JSON or invalid fields"),
-        (401, "Missing or unknown API key"),
-        (404, "Unknown model or not entitled"),
-        (413, "Body too large"),
-        (502, "Engine error"),
-        (503, "Engine unavailable (Retry-After)"),
-        (504, "Engine timeout"),
-    ]
+# A generation answers JSON, or server-sent events when the body asks for `stream: true`.
+_GENERATED: dict[int | str, dict[str, Any]] = {
+    200: {
+        "description": "The engine's answer (JSON), or its SSE stream when `stream` is true",
+        "content": {"application/json": {}, "text/event-stream": {}},
+    },
+    **error_responses(400, 401, 404, 413, 429, 502, 503, 504),
 }
+# Header parameters the generation endpoints read (docs/api.md).
+_HEADERS = [
+    {
+        "name": "X-Loraplex-Adapter",
+        "in": "header",
+        "required": False,
+        "description": "adapter to serve (`name`, `name@3`, `name@alias`); wins over `model`",
+        "schema": {"type": "string"},
+    },
+    {
+        "name": "X-Loraplex-User",
+        "in": "header",
+        "required": False,
+        "description": "sticky experiment assignment key (default: the API key)",
+        "schema": {"type": "string"},
+    },
+]
+
+
+def _generation_doc(model: type[BaseModel]) -> dict[str, Any]:
+    return {**openapi_body(model), "parameters": _HEADERS}
 
 
 async def serve_generation(request: Request, kind: str) -> Response:
@@ -63,18 +82,22 @@ async def serve_generation(request: Request, kind: str) -> Response:
 
 
 @router.post(
-    "/v1/chat/completions", responses=_ERRORS, openapi_extra=openapi_body(ChatCompletionRequest)
+    "/v1/chat/completions",
+    responses=_GENERATED,
+    openapi_extra=_generation_doc(ChatCompletionRequest),
 )
 async def chat_completions(request: Request) -> Response:
     return await serve_generation(request, "chat")
 
 
-@router.post("/v1/completions", responses=_ERRORS, openapi_extra=openapi_body(CompletionRequest))
+@router.post(
+    "/v1/completions", responses=_GENERATED, openapi_extra=_generation_doc(CompletionRequest)
+)
 async def completions(request: Request) -> Response:
     return await serve_generation(request, "completions")
 
 
-@router.get("/v1/models", response_model=ModelList, responses=_ERRORS)
+@router.get("/v1/models", response_model=ModelList, responses=error_responses(401))
 async def list_models(request: Request) -> ModelList:
     """Only the models this tenant may use that are servable right now."""
     state = get_state(request)
