@@ -248,7 +248,17 @@ async def _generate(
         else:
             _enter_experiment(state, tenant, assignment, record)
     if assignment is None:
-        version = select_adapter(state, tenant, None, requested)
+        try:
+            version = select_adapter(state, tenant, None, requested)
+        except ModelNotFound:
+            if decision is None:
+                raise
+            # A routed target (e.g. the global fallback) this tenant may not use: say so
+            # without naming it, it may be another tenant's adapter.
+            raise ModelNotFound(
+                "No model this key may use can serve this request (model 'auto').",
+                param="model",
+            ) from None
     if has_caps(tenant.quotas):  # before admission: a refused request spends no budget
         apply_caps(tenant.quotas, body)
     if tenant.quotas.requests_per_minute or tenant.quotas.tokens_per_minute:

@@ -91,7 +91,7 @@ async def world(
     and 2 ready, 3 retired, 4 rejected; aliases stable → 1, canary → 2."""
     routes = {
         "version": 1,
-        "fallback": "base",
+        "fallback": "qzecho",  # an adapter: a tenant without it must never see its name
         "threshold": 0.3,
         "domains": {
             d: {"target": target, "keywords": [KEYWORDS[d]], "examples": [f"{KEYWORDS[d]} text"]}
@@ -494,3 +494,19 @@ async def test_rotation_without_keep_previous_revokes_the_old_key_at_once(gw: Ga
     # Deleting the tenant revokes its keys at once too.
     assert (await gw.client.delete("/admin/v1/tenants/gamma", headers=admin)).status_code == 200
     assert_error(await gw.chat(newest, model="medical"), 401, "invalid_api_key")
+
+
+async def test_auto_with_no_usable_target_does_not_name_the_fallback(world: Gateway) -> None:
+    """Found by the property above: when neither the domain's target, nor the tenant's or the
+    global fallback, nor its default may serve the tenant, the 404 named the global fallback
+    (here `qzecho`, an adapter the tenant is not entitled to)."""
+    await apply_world(world, [{"adapters": set(), "default": None}] * 3, [])
+    for prompt in ("kwone please", "nothing to route"):
+        resp = await world.chat(
+            KEYS["t0"], model="auto", messages=[{"role": "user", "content": prompt}]
+        )
+        err = assert_error(resp, 404, "model_not_found", param="model")
+        assert "qzecho" not in resp.text
+        assert "qzdelta" not in resp.text
+        assert "auto" in err["message"]
+    assert world.engine.forwarded == []
