@@ -714,7 +714,8 @@ async def test_a_request_for_the_tenant_default_is_in_the_default_adapters_exper
         ],
         weights={"candidate": 1.0},
     )
-    for body in ({}, {"model": "default"}):
+    bodies: list[dict[str, Any]] = [{}, {"model": "default"}]
+    for body in bodies:
         r = await gw.chat(**body)
         assert r.status_code == 200, r.text
         assert r.headers["x-loraplex-variant"] == "candidate"
