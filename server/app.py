@@ -34,7 +34,7 @@ from server.errors import HTTP_STATUS_CODES, LoraplexError, error_payload
 from server.experiments.controller import start_controller
 from server.experiments.service import ExperimentService, FeedbackMemory
 from server.experiments.shadow import ShadowMirror
-from server.fastpath import GenerationFastPath
+from server.fastpath import GatewayApp, GenerationFastPath
 from server.protocol import without_fastapi_422
 from server.routes import (
     admin,
@@ -89,7 +89,7 @@ def create_app(settings: Settings, engine_factory: EngineFactory | None = None) 
             await state.lifecycle.aclose()
             await state.registry.close()
 
-    app = FastAPI(
+    app = GatewayApp(  # FastAPI; generation POSTs skip its per-request layers (fastpath.py)
         title="loraplex",
         version="0.1.0",
         summary="OpenAI-compatible multi-adapter LoRA gateway for vLLM",
