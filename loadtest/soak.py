@@ -222,7 +222,13 @@ def runtime(url: str, admin_key: str, pid: int) -> dict[str, Any]:
     status = Path(f"/proc/{pid}/status").read_text()
     rss_kib = next(int(line.split()[1]) for line in status.splitlines() if line.startswith("VmRSS"))
     out["rss_mib"] = round(rss_kib / 1024, 1)
-    out["open_fds"] = len(os.listdir(f"/proc/{pid}/fd"))
+    kinds: Counter[str] = Counter()
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        with contextlib.suppress(OSError):  # closed while listing
+            target = os.readlink(f"/proc/{pid}/fd/{fd}")
+            kinds[target.split(":", 1)[0] if ":" in target else "file"] += 1
+    out["open_fds"] = sum(kinds.values())
+    out["fd_kinds"] = dict(sorted(kinds.items()))
     return out
 
 
@@ -259,6 +265,14 @@ async def soak(args: argparse.Namespace, url: str, admin_key: str, pid: int) -> 
     )
     await asyncio.sleep(args.settle_s)  # in-flight work drains, idle connections close
     after = await asyncio.to_thread(runtime, url, admin_key, pid)
+    waited = args.settle_s
+    # Sockets the clients just closed can take the server a moment to notice: a leak is what
+    # is still there after --drain-s more seconds.
+    while waited < args.settle_s + args.drain_s and not verdict(before, after)["ok"]:
+        await asyncio.sleep(2)
+        waited += 2
+        after = await asyncio.to_thread(runtime, url, admin_key, pid)
+    after["after_s"] = waited
     lat = tally.latencies
     return {
         "minutes": args.minutes,
@@ -295,6 +309,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--warmup-s", type=float, default=20.0)
     # Longer than the engine pool's keep-alive (4 s): idle connections are closed by then.
     ap.add_argument("--settle-s", type=float, default=10.0)
+    ap.add_argument("--drain-s", type=float, default=30.0, help="longest extra wait for after")
     ap.add_argument("--sample-s", type=float, default=30.0)
     ap.add_argument("--max-in-flight", type=int, default=512)
     ap.add_argument("--workdir", type=Path, default=Path(".cache/soak"))
