@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import orjson
-from starlette.responses import StreamingResponse
+from starlette.responses import Response, StreamingResponse
 from starlette.types import Receive, Scope, Send
 
 from adapters.loader import Lease
@@ -209,3 +209,20 @@ class SSEResponse(StreamingResponse):
             if aclose is not None:
                 await aclose()
             await self._on_close()
+
+
+class FinishingResponse(Response):
+    """A JSON answer whose request is accounted (metrics, access log, lease released) once it
+    has been sent, or failed to be: that work is then off the response's path."""
+
+    media_type = "application/json"
+
+    def __init__(self, content: bytes, headers: dict[str, str], record: RequestRecord) -> None:
+        super().__init__(content, headers=headers)
+        self._record = record
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            self._record.finish()
