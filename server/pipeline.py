@@ -33,7 +33,7 @@ from server.errors import (
 from server.experiments.service import Served
 from server.protocol import ChatCompletionRequest, CompletionRequest
 from server.quotas import apply_caps, has_caps
-from server.relay import RequestRecord, SSEResponse, relay_events
+from server.relay import FinishingResponse, RequestRecord, SSEResponse, relay_events
 from server.routing import resolve_model
 from server.state import GatewayState
 from server.upstream import UpstreamResponse, engine_message
@@ -289,7 +289,7 @@ async def _generate(
         if resp.status != 200:
             raise upstream_failure(state, label, resp.status, resp.body)
         _record_usage(record, resp)
-        return Response(resp.body, media_type="application/json", headers=headers)
+        return FinishingResponse(resp.body, headers, record)  # accounted once sent
 
     # Ask for usage so token metrics work; hide that chunk if the client did not ask for it.
     client_wants_usage = bool(parsed.stream_options and parsed.stream_options.include_usage)
