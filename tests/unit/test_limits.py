@@ -9,6 +9,7 @@ import json
 import shutil
 import time
 from collections.abc import AsyncIterator, Callable
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +19,7 @@ import yaml
 
 from adapters.registry import Quotas, TenantRecord
 from server.auth import hash_key, read_tenants_file
+from server.deadlines import _SWEEPERS, RequestTimeout, _Sweeper, within
 from tests.unit.conftest import Bootstrapped, Config
 from tests.unit.fakes import Answer, FakeEngine, StreamScript, stream_chunks
 from tests.unit.helpers import (
@@ -328,6 +330,85 @@ async def test_a_stream_that_ends_in_time_is_untouched(make_gw: GatewayFactory) 
         data = sse_data(resp.text)
         assert data[-1] == "[DONE]"
         assert all("error" not in d for d in data)
+
+
+# ---- the request-deadline sweeper itself ------------------------------------------------------
+
+
+async def test_within_times_out_only_the_requests_past_their_deadline() -> None:
+    async def sleep(seconds: float) -> float:
+        await asyncio.sleep(seconds)
+        return seconds
+
+    t0 = time.monotonic()
+    results = await asyncio.gather(
+        *(within(0.1, partial(sleep, s)) for s in (0.01, 0.05, 1.0, 2.0)),
+        return_exceptions=True,
+    )
+    assert results[:2] == [0.01, 0.05]
+    assert all(isinstance(r, RequestTimeout) for r in results[2:])
+    assert 0.1 <= time.monotonic() - t0 < 0.5  # cut within a tick (12.5 ms) of the deadline
+    sweeper = _SWEEPERS[asyncio.get_running_loop()]
+    await wait_until(lambda: sweeper._timer is None, what="the sweep timer stops when idle")
+
+
+async def test_within_lets_other_cancellations_and_errors_through() -> None:
+    started = asyncio.Event()
+
+    async def forever() -> None:
+        started.set()
+        await asyncio.Event().wait()
+
+    task = asyncio.create_task(within(60, forever))
+    await started.wait()
+    task.cancel()  # a client disconnect or a shutdown, not the deadline
+    with pytest.raises(asyncio.CancelledError):
+        await task
+
+    async def own_timeout() -> None:
+        raise TimeoutError("the work's own")
+
+    with pytest.raises(TimeoutError, match="the work's own"):
+        await within(60, own_timeout)
+
+
+async def test_within_when_the_deadline_and_a_cancel_coincide_keeps_cancelling(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    tasks: list[asyncio.Task[None]] = []
+    sweep = _Sweeper._sweep
+
+    def sweep_then_cancel(self: _Sweeper) -> None:
+        sweep(self)
+        if tasks and tasks[0] in self._expired and len(tasks) == 1:
+            tasks[0].cancel()  # e.g. a shutdown, in the same loop iteration as the deadline
+            tasks.append(tasks[0])
+
+    monkeypatch.setattr(_Sweeper, "_sweep", sweep_then_cancel)
+
+    async def forever() -> None:
+        await asyncio.Event().wait()
+
+    tasks.append(asyncio.create_task(within(0.02, forever)))
+    with pytest.raises(asyncio.CancelledError):
+        await tasks[0]
+    assert len(tasks) == 2  # both cancellations did happen together
+
+
+async def test_within_withdraws_a_cancellation_the_work_swallowed() -> None:
+    async def stubborn() -> str:
+        with contextlib.suppress(asyncio.CancelledError):
+            await asyncio.sleep(5)
+        return "finished anyway"
+
+    async def request() -> tuple[str, int]:
+        result = await within(0.02, stubborn)
+        current = asyncio.current_task()
+        assert current is not None
+        await asyncio.sleep(0)  # no cancellation left pending for the rest of the request
+        return result, current.cancelling()
+
+    assert await request() == ("finished anyway", 0)
 
 
 # ---- where quotas are configured -----------------------------------------------------------------
