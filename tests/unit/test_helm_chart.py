@@ -94,7 +94,7 @@ VALUE_SETS: dict[str, dict[str, Any]] = {
                     "key_sha256": [hash_key(TENANT_KEY)],
                     "adapters": ["medical", "base"],
                     "default": "medical",
-                    "quotas": {"requests_per_minute": 600},
+                    "quotas": {"requests_per_minute": 600, "max_concurrent": 8, "max_tokens": 512},
                 }
             }
         },
