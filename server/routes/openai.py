@@ -21,7 +21,7 @@ from server.protocol import (
     error_responses,
     openapi_body,
 )
-from server.relay import RequestRecord
+from server.relay import FinishingResponse, RequestRecord
 from server.state import get_state
 
 router = APIRouter(tags=["openai"])
@@ -76,8 +76,8 @@ async def serve_generation(request: Request, kind: str) -> Response:
             record.status, record.error_code = 499, "client_disconnected"
         record.finish()
         raise
-    if not record.stream:
-        record.finish()  # streams finish when the relay closes
+    if not record.stream and not isinstance(response, FinishingResponse):
+        record.finish()  # streams finish when the relay closes; JSON answers once sent
     return response
 
 
