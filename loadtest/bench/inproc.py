@@ -2,9 +2,10 @@
 (no sockets, no HTTP client, no uvicorn), so only the gateway's own Python work is timed:
 framework, auth, body parsing and validation, adapter selection and residency lease, metrics,
 access log, SSE relay. The event loop turns once between requests, as in a server, so work the
-gateway leaves for the next loop iteration (the access log's write) is timed too. The best of
-several repeats of process CPU time is steady enough on a busy machine to A/B a hot-path
-change, which wall-clock latency here is not.
+gateway leaves for the next loop iteration (the access log's write) is timed too, and the
+garbage collector is tuned as `loraplex serve` tunes it. The best of several repeats of process
+CPU time is steady enough on a busy machine to A/B a hot-path change, which wall-clock latency
+here is not.
 
     python -m loadtest.bench.inproc [-n 2000] [--repeat 5] [--stream] [--events 16]
         [--model auto]
@@ -27,6 +28,7 @@ import orjson
 from loadtest.bench.fake_upstream import ANSWER, TEXT_ANSWER
 from loadtest.bench.procs import BENCH_KEY, fake_adapter_dir, gateway_config
 from server.app import create_app
+from server.gc_tuning import tune_gc
 from server.logs import configure_logging
 from server.settings import Settings
 from server.upstream import UpstreamResponse, UpstreamStream
@@ -115,6 +117,7 @@ async def run(n: int, repeat: int, stream: bool, events: int, model: str = "benc
                     break
                 await asyncio.sleep(0.05)
             await one(app, body, headers)  # warm caches, check the answer
+            tune_gc()  # as `loraplex serve` does (server/gc_tuning.py)
             per_request = []
             for _ in range(repeat):
                 t0 = time.process_time()

@@ -44,6 +44,7 @@ from router.domain_router import DomainRouter, build_classifier
 from router.keyword import KeywordClassifier
 from router.policy import DEFAULT_ROUTES, RoutesPolicy, load_routes, read_examples
 from server.app import create_app
+from server.gc_tuning import tune_gc
 from server.settings import RouterSettings, Settings
 
 DOMAIN_ADAPTERS = ("medical", "legal", "finance")
@@ -135,6 +136,7 @@ async def inproc_report(texts: list[str], chosen: list[str], repeat: int, workdi
             await asyncio.sleep(0.05)
         for body, headers in off + on:  # warm up (and load the classifier)
             await one(app, body, headers)
+        tune_gc()  # as `loraplex serve` does (server/gc_tuning.py)
         for _ in range(repeat):
             for name, reqs in (("auto off", off), ("auto on", on)):
                 t0 = time.process_time()
