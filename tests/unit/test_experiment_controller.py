@@ -309,9 +309,10 @@ async def test_only_one_controller_holds_the_lease(gw: Gateway) -> None:
 
 async def test_an_expired_lease_is_taken_over(gw: Gateway) -> None:
     registry = gw.state.registry
-    assert await registry.acquire_lease(LEASE, "dead-replica", 0.05)
+    # A TTL long enough that a loaded machine cannot let it lapse before the second call.
+    assert await registry.acquire_lease(LEASE, "dead-replica", 1.0)
     assert not await registry.acquire_lease(LEASE, "successor", 30)
-    await asyncio.sleep(0.06)
+    await asyncio.sleep(1.05)
     assert await registry.acquire_lease(LEASE, "successor", 30)
 
 
