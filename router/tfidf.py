@@ -64,8 +64,8 @@ def padded_word_ngrams(word: str, lo: int, hi: int) -> list[str]:
 
 
 WORD_CACHE_SIZE = 50_000
-# One word's (columns, sum of their weight rows, sum of their idf²); rows None: no column.
-WordSums = tuple[list[int], tuple[float, ...] | None, float]
+# One word's (sum of its columns' weight rows, sum of their idf²); None: no column.
+WordSums = tuple[tuple[float, ...] | None, float]
 # Above this many n-gram hits in one block, numpy's vectorised path is faster than the pure
 # Python one (crossover measured at ~130-160 on the default routes' model, 5 domains).
 SPARSE_MAX_COLUMNS = 128
@@ -196,24 +196,23 @@ class TfidfClassifier:
         """`_sparse_logits` for a char_wb block, from per-word sums (cached, as its columns):
         the words' rows and idf² add up to the block's as if every n-gram occurred once; an
         n-gram seen n > 1 times (within a word or across words) is then corrected by
-        (tf - n) times its row, tf = 1 + ln(n). Long inputs go to numpy."""
-        sums = block._word_sums
+        (tf - n) times its row, tf = 1 + ln(n). Long inputs go to numpy (no sums computed)."""
+        words = text.split()
         cols: list[int] = []
-        vecs: list[tuple[float, ...]] = []
-        sq = 0.0
-        for word in text.split():
-            entry = sums.get(word)
-            if entry is None:
-                entry = self._word_entry(block, word)
-            wcols, vec, wsq = entry
-            if vec is not None:
-                cols += wcols
-                vecs.append(vec)
-                sq += wsq
+        for word in words:
+            cols += block.word_columns(word)
         if not cols:
             return logits
         if len(cols) > SPARSE_MAX_COLUMNS:
             return self._dense_logits(cols, logits)
+        sums = block._word_sums
+        vecs: list[tuple[float, ...]] = []
+        sq = 0.0
+        for word in words:
+            vec, wsq = sums.get(word) or self._word_sums_of(block, word)
+            if vec is not None:
+                vecs.append(vec)
+                sq += wsq
         if len(set(cols)) != len(cols):
             rows, idf2 = self._rows, self._idf2
             for col, n in Counter(cols).items():
@@ -225,13 +224,13 @@ class TfidfClassifier:
         inv = 1.0 / math.sqrt(sq)
         return [z + s * inv for z, s in zip(logits, map(sum, zip(*vecs, strict=True)), strict=True)]
 
-    def _word_entry(self, block: TfidfBlock, word: str) -> WordSums:
+    def _word_sums_of(self, block: TfidfBlock, word: str) -> WordSums:
         cols = block.word_columns(word)
-        entry: WordSums = (cols, None, 0.0)
+        entry: WordSums = (None, 0.0)
         if cols:
             rows = map(self._rows.__getitem__, cols)
             vec = tuple(map(sum, zip(*rows, strict=True)))
-            entry = (cols, vec, sum(map(self._idf2.__getitem__, cols)))
+            entry = (vec, sum(map(self._idf2.__getitem__, cols)))
         sums = block._word_sums
         if len(sums) >= WORD_CACHE_SIZE:
             sums.clear()
