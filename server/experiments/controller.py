@@ -328,25 +328,40 @@ class ExperimentController:
             results.append(await self.review(record))
         return results
 
+    async def analyse(
+        self, record: ExperimentRecord, now: float | None = None
+    ) -> tuple[float, dict[str, VariantStats], dict[str, Verdict]]:
+        """(window, per-variant stats, verdict per candidate) over the current analysis window:
+        at most `analysis_window_s`, never before the current ramp step started. Raises
+        MetricsUnavailable. Read-only: the admin analysis endpoint shows exactly this."""
+        now = time.time() if now is None else now
+        spec = spec_of(record)
+        rules = guardrails_of(spec)
+        window = min(spec.analysis_window_s, max(now - record.step_started_at, 1.0))
+        stats = await self.source.variant_stats(record.name, window)
+        control = stats.get(spec.control, VariantStats.empty())
+        verdicts = {
+            v.name: evaluate(control, stats.get(v.name, VariantStats.empty()), rules)
+            for v in spec.variants[1:]
+        }
+        return window, stats, verdicts
+
     async def review(self, record: ExperimentRecord, now: float | None = None) -> RoundResult:
         now = time.time() if now is None else now
         spec = spec_of(record)
         rules = guardrails_of(spec)
         in_step = max(now - record.step_started_at, 1.0)
-        window = min(spec.analysis_window_s, in_step)
         try:
-            stats = await self.source.variant_stats(record.name, window)
+            _, _, judged = await self.analyse(record, now)
         except MetricsUnavailable as exc:
             log.warning("experiment %s: metrics unavailable (%s)", record.name, exc)
             return RoundResult(record.name, "unavailable", {})
-        control = stats.get(spec.control, VariantStats.empty())
         verdicts: dict[str, Verdict] = {}
         shadow = spec.shadow.variant if spec.shadow else None
         for v in spec.variants[1:]:
             if record.weights.get(v.name, 0.0) <= 0.0 and v.name != shadow:
                 continue
-            verdict = evaluate(control, stats.get(v.name, VariantStats.empty()), rules)
-            verdicts[v.name] = verdict
+            verdict = verdicts[v.name] = judged[v.name]
             key = (record.name, record.created_at, v.name)
             self._strikes[key] = (
                 self._strikes.get(key, 0) + 1 if verdict.decision == "breach" else 0

@@ -4,7 +4,6 @@ pause/resume, promote, abort, delete. Every change is audited (see `experiments.
 from __future__ import annotations
 
 import dataclasses
-import time
 from typing import Any
 
 from fastapi import APIRouter, Depends
@@ -16,7 +15,6 @@ from adapters.types import NAME_RE
 from router.experiments import ACTIVE, ExperimentSpec
 from server.errors import Conflict, LoraplexError
 from server.experiments import controller as ctl
-from server.experiments.analysis import VariantStats, evaluate
 from server.experiments.sources import MetricsUnavailable
 from server.protocol import error_responses, openapi_body
 from server.routes.admin_common import ADMIN_AUTH_ERRORS, actor, json_body, require_admin
@@ -105,26 +103,22 @@ async def analyse_experiment(request: Request, name: str) -> dict[str, Any]:
     """The guardrail verdict per candidate over the current window, computed now (read-only)."""
     state = get_state(request)
     record = _get(state, name)
-    spec = ctl.spec_of(record)
     controller = state.controller
     if controller is None:
         raise AnalysisUnavailable("the experiment controller is not running")
-    window = min(spec.analysis_window_s, max(time.time() - record.step_started_at, 1.0))
     try:
-        stats = await controller.source.variant_stats(name, window)
+        window, stats, judged = await controller.analyse(record)
     except MetricsUnavailable as exc:
         raise AnalysisUnavailable(f"experiment metrics are unavailable: {exc}") from None
-    control = stats.get(spec.control, VariantStats.empty())
-    rules = ctl.guardrails_of(spec)
-    verdicts = {}
-    for v in spec.variants[1:]:
-        verdict = evaluate(control, stats.get(v.name, VariantStats.empty()), rules)
-        verdicts[v.name] = {
+    verdicts = {
+        name: {
             "decision": verdict.decision,
             # Breach is a slots dataclass: it has no __dict__.
             "breaches": [dataclasses.asdict(b) for b in verdict.breaches],
             "summary": verdict.summary,
         }
+        for name, verdict in judged.items()
+    }
     requests = {n: s.requests for n, s in stats.items()}
     return {"experiment": name, "window_s": window, "requests": requests, "verdicts": verdicts}
 
