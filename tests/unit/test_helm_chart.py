@@ -3,8 +3,9 @@ strictly, checks values against values.schema.json and renders it for several va
 rendered object passes the Kubernetes 1.32 schemas (kubernetes-validate, strict), and the
 Prometheus Operator objects, which have no core schema, are checked here against the files they
 embed. Then what a production install depends on: GPUs on the engine, LoRA flags, probes,
-non-root read-only gateway, secrets only in Secrets, HPA and PDB, references that resolve, and
-gateway settings that the gateway itself parses back from the rendered environment."""
+non-root read-only gateway, secrets only in Secrets, HPA and PDB, references that resolve, engine
+discovery through a headless Service (any number of engines), and gateway settings that the
+gateway itself parses back from the rendered environment."""
 
 from __future__ import annotations
 
@@ -59,7 +60,8 @@ CHART_OWNED = {
     "engine.url", "engine.mode", "engine.served_model_name", "engine.python", "engine.model",
     "engine.max_lora_rank", "engine.max_loras", "engine.max_cpu_loras", "engine.max_model_len",
     "engine.kv_cache_gib", "engine.extra_args", "engine.log_file", "engine.startup_timeout_s",
-    "engine.restart_backoff_s", "registry.url", "registry.cache_dir", "registry.base_model_dir",
+    "engine.restart_backoff_s", "engine.urls", "engine.discovery_dns",
+    "engine.discovery_interval_s", "registry.url", "registry.cache_dir", "registry.base_model_dir",
     "router.routes_file", "router.artefact",
 }  # fmt: skip
 
@@ -69,9 +71,21 @@ def production_values() -> dict[str, Any]:
     return loaded
 
 
+def production_with_engines(replicas: int) -> dict[str, Any]:
+    values = production_values()
+    values["engine"]["replicas"] = replicas
+    return values
+
+
 VALUE_SETS: dict[str, dict[str, Any]] = {
     "default": {},
     "gpu-production": production_values(),
+    "gpu-production-3-engines": production_with_engines(3),
+    # Three engines on the defaults, another cluster domain and discovery interval.
+    "engines-3": {
+        "clusterDomain": "k8s.example.internal",
+        "engine": {"replicas": 3, "discovery": {"intervalSeconds": 2.5}},
+    },
     # Everything given inline: the chart creates the Secrets and the ConfigMap.
     "inline": {
         "gateway": {
@@ -80,7 +94,7 @@ VALUE_SETS: dict[str, dict[str, Any]] = {
             "config": {
                 "log_level": "warning",
                 "max_body_bytes": 8388608,
-                "engine": {"read_timeout_s": 90.5, "pool_size": 256},
+                "engine": {"read_timeout_s": 90.5, "pool_size": 256, "spill_threshold": 8},
                 "registry": {"budget": 12, "max_adapter_bytes": 2147483648},
                 "router": {"classifier": "keyword"},
                 "experiments": {"prometheus_url": "http://prometheus:9090"},
@@ -201,7 +215,9 @@ def secret_data(objects: list[dict[str, Any]]) -> dict[tuple[str, str], str]:
 # --- the chart as Helm sees it ------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("name", ["default", "gpu-production"])
+@pytest.mark.parametrize(
+    "name", ["default", "gpu-production", "gpu-production-3-engines", "engines-3"]
+)
 def test_chart_lints_strictly(name: str) -> None:
     report = helm.lint(CHART, VALUE_SETS[name], strict=True, namespace=NAMESPACE)
     assert report["errors"] == []
@@ -233,11 +249,19 @@ def with_value(path: str, value: Any) -> dict[str, Any]:
         ("gateway.image.pullPolicy", "Sometimes"),
         ("gateway.config.engine.urll", "http://x"),  # not a gateway setting
         ("gateway.config.engine.url", "http://elsewhere:8000"),  # wired by the chart
+        ("gateway.config.engine.discovery_dns", "engines.example"),  # wired by the chart
+        ("gateway.config.engine.urls", ["http://a:8000", "http://b:8000"]),  # wired by the chart
+        ("gateway.config.engine.discovery_interval_s", 5),  # engine.discovery.intervalSeconds
+        ("gateway.config.engine.spill_threshold", 0),
         ("gateway.config.registry.budget", "eight"),
         ("gateway.config.log_level", "verbose"),
         ("gateway.autoscaling.targetCPUUtilizationPercentage", 0),
         ("gateway.podDisruptionBudget.maxUnavailable", "half"),
         ("engine.gpu.count", -1),
+        ("engine.discovery.intervalSeconds", 0),
+        ("engine.discovery.enabled", False),  # discovery is always on
+        ("clusterDomain", "Cluster Local"),
+        ("clusterDomain", ""),
         ("engine.lora.maxLoraRank", 7),
         ("engine.model.path", "/models/base"),
         ("engine.model.path", "../base"),
@@ -311,7 +335,7 @@ def test_references_resolve(name: str) -> None:
         ("PersistentVolumeClaim", v.get("existingClaim"))
         for v in values.get("storage", {}).values()
     }
-    existing |= {("Secret", "loraplex-s3")} if name == "gpu-production" else set()
+    existing |= {("Secret", "loraplex-s3")} if name.startswith("gpu-production") else set()
     rendered = {(o["kind"], o["metadata"]["name"]) for o in objects} | existing
     for deployment in of_kind(objects, "Deployment"):
         pod = deployment["spec"]["template"]["spec"]
@@ -336,24 +360,76 @@ def test_references_resolve(name: str) -> None:
             assert ("Secret", source["secretRef"]["name"]) in rendered
 
 
+def services(objects: list[dict[str, Any]], component: str) -> list[dict[str, Any]]:
+    return [
+        s
+        for s in of_kind(objects, "Service")
+        if s["metadata"]["labels"]["app.kubernetes.io/component"] == component
+    ]
+
+
+def engine_services(objects: list[dict[str, Any]]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(the engine's ClusterIP Service, its headless discovery Service)."""
+    found = services(objects, "engine")
+    headless = [s for s in found if s["spec"].get("clusterIP") == "None"]
+    plain = [s for s in found if s["spec"].get("clusterIP") != "None"]
+    assert len(headless) == 1, "one headless engine Service"
+    assert len(plain) == 1, "one ClusterIP engine Service"
+    return plain[0], headless[0]
+
+
 @pytest.mark.parametrize("name", SETS)
 def test_services_reach_their_pods(name: str) -> None:
     objects = render(name)
+    assert len(services(objects, "gateway")) == 1
+    assert len(services(objects, "engine")) == 2  # ClusterIP and headless
     for component in ("gateway", "engine"):
-        service = one(objects, "Service", component)
         deployment = one(objects, "Deployment", component)
         pod_labels = deployment["spec"]["template"]["metadata"]["labels"]
-        assert service["spec"]["selector"].items() <= pod_labels.items()
         assert deployment["spec"]["selector"]["matchLabels"].items() <= pod_labels.items()
         ports = {p["name"] for p in container(deployment)["ports"]}
-        assert {p["targetPort"] for p in service["spec"]["ports"]} <= ports
-    # The gateway's engine URL is the engine Service.
-    engine_service = one(objects, "Service", "engine")
-    url = urlsplit(
-        env(container(one(objects, "Deployment", "gateway")))["LORAPLEX_ENGINE__URL"]["value"]
-    )
-    assert url.hostname == engine_service["metadata"]["name"]
-    assert url.port == engine_service["spec"]["ports"][0]["port"]
+        for service in services(objects, component):
+            assert service["spec"]["selector"].items() <= pod_labels.items()
+            assert {p["targetPort"] for p in service["spec"]["ports"]} <= ports
+
+
+def engine_count(name: str) -> int:
+    replicas: int = VALUE_SETS[name].get("engine", {}).get("replicas", 1)
+    return replicas
+
+
+@pytest.mark.parametrize("name", SETS)
+def test_gateway_discovers_every_engine_through_a_headless_service(name: str) -> None:
+    """Discovery is always on (also with one engine): the gateway re-resolves the headless
+    Service's FQDN, whose addresses are the ready engine pods, and reaches each on the scheme and
+    port of its engine URL, which must therefore be the pods' own port."""
+    objects = render(name)
+    values = VALUE_SETS[name]
+    engine = one(objects, "Deployment", "engine")
+    assert engine["spec"]["replicas"] == engine_count(name)
+    _, headless = engine_services(objects)
+    spec = headless["spec"]
+    assert spec["clusterIP"] == "None"
+    assert spec["publishNotReadyAddresses"] is False  # only ready engines are discovered
+    assert spec["selector"] == engine["spec"]["selector"]["matchLabels"]
+    (port,) = spec["ports"]
+    (container_port,) = container(engine)["ports"]
+    assert port["targetPort"] == container_port["name"]
+    assert port["port"] == container_port["containerPort"]
+
+    environment = env(container(one(objects, "Deployment", "gateway")))
+    domain = values.get("clusterDomain", "cluster.local")
+    fqdn = f"{headless['metadata']['name']}.{NAMESPACE}.svc.{domain}"
+    assert headless["metadata"]["name"] == f"{RELEASE}-loraplex-engine-headless"
+    assert environment["LORAPLEX_ENGINE__DISCOVERY_DNS"]["value"] == fqdn
+    interval = values.get("engine", {}).get("discovery", {}).get("intervalSeconds", 10)
+    assert float(environment["LORAPLEX_ENGINE__DISCOVERY_INTERVAL_S"]["value"]) == interval
+    assert "LORAPLEX_ENGINE__URLS" not in environment  # excludes discovery
+    url = urlsplit(environment["LORAPLEX_ENGINE__URL"]["value"])
+    assert url.scheme == "http"
+    assert url.hostname == headless["metadata"]["name"]
+    assert url.port == container_port["containerPort"]
+    assert engine_args(objects)["--port"] == str(container_port["containerPort"])
 
 
 # --- the engine ---------------------------------------------------------------------------------
@@ -368,7 +444,7 @@ def engine_args(objects: list[dict[str, Any]]) -> dict[str, str]:
 def test_engine_serves_the_model_with_lora(name: str) -> None:
     objects = render(name)
     args = engine_args(objects)
-    lora = production_values()["engine"]["lora"] if name == "gpu-production" else None
+    lora = production_values()["engine"]["lora"] if name.startswith("gpu-production") else None
     assert "--enable-lora" in args
     for flag in ("--max-loras", "--max-lora-rank", "--max-cpu-loras"):
         assert int(args[flag]) >= 1
@@ -397,7 +473,8 @@ def test_engine_serves_the_model_with_lora(name: str) -> None:
 
 
 @pytest.mark.parametrize(
-    ("name", "gpus"), [("default", 1), ("gpu-production", 1), ("cpu-sqlite", 0)]
+    ("name", "gpus"),
+    [("default", 1), ("gpu-production", 1), ("gpu-production-3-engines", 1), ("cpu-sqlite", 0)],
 )
 def test_engine_gpu_resources(name: str, gpus: int) -> None:
     objects = render(name)
@@ -412,7 +489,7 @@ def test_engine_gpu_resources(name: str, gpus: int) -> None:
         assert "nvidia.com/gpu" not in resources.get("requests", {})
         assert "nvidia.com/gpu" not in resources.get("limits", {})
         assert "--gpu-memory-utilization" not in args
-    if name == "gpu-production":
+    if name.startswith("gpu-production"):
         pod = engine["spec"]["template"]["spec"]
         assert any(t["key"] == "nvidia.com/gpu" for t in pod["tolerations"])
     shm = mounts(engine)["/dev/shm"][2]
@@ -497,7 +574,14 @@ def test_gateway_settings_round_trip_through_the_gateway(monkeypatch: pytest.Mon
     assert settings.experiments.prometheus_url == "http://prometheus:9090"
     assert settings.drift.enabled is False
     assert settings.drift.thresholds.domain_psi == 0.3
-    assert settings.engine.url == f"http://{RELEASE}-loraplex-engine:8000"
+    assert settings.engine.spill_threshold == 8
+    assert settings.engine.url == f"http://{RELEASE}-loraplex-engine-headless:8000"
+    assert (
+        settings.engine.discovery_dns
+        == f"{RELEASE}-loraplex-engine-headless.{NAMESPACE}.svc.cluster.local"
+    )
+    assert settings.engine.discovery_interval_s == 10.0
+    assert settings.engine.urls == []
     assert settings.engine.mode == "remote"
     assert str(settings.tenants_file).endswith("/tenants.yaml")
     assert str(settings.router.routes_file).endswith("/routes.yaml")
@@ -678,19 +762,42 @@ def alert_groups(runbook_base: str = "") -> list[dict[str, Any]]:
     return groups
 
 
+def selects(selector: dict[str, Any], labels: dict[str, str]) -> bool:
+    """A Kubernetes label selector (matchLabels and matchExpressions) against labels."""
+    if not selector.get("matchLabels", {}).items() <= labels.items():
+        return False
+    for expression in selector.get("matchExpressions", []):
+        key, operator = expression["key"], expression["operator"]
+        match operator:
+            case "Exists":
+                ok = key in labels
+            case "DoesNotExist":
+                ok = key not in labels
+            case "In":
+                ok = labels.get(key) in expression["values"]
+            case "NotIn":
+                ok = labels.get(key) not in expression["values"]
+            case _:
+                raise AssertionError(f"unknown selector operator {operator}")
+        if not ok:
+            return False
+    return True
+
+
 def service_monitors(
     objects: list[dict[str, Any]],
 ) -> Iterator[tuple[dict[str, Any], dict[str, Any]]]:
-    """(ServiceMonitor, the one Service it selects)."""
+    """(ServiceMonitor, the one Service it selects): each pod is scraped once, so the engine's
+    monitor must not also select the headless discovery Service of the same pods."""
     services = of_kind(objects, "Service")
     for monitor in of_kind(objects, "ServiceMonitor"):
-        selector = monitor["spec"]["selector"]["matchLabels"]
-        chosen = [s for s in services if selector.items() <= s["metadata"]["labels"].items()]
+        selector = monitor["spec"]["selector"]
+        chosen = [s for s in services if selects(selector, s["metadata"]["labels"])]
         assert len(chosen) == 1, monitor["metadata"]["name"]
         yield monitor, chosen[0]
 
 
-@pytest.mark.parametrize("name", ["inline", "gpu-production"])
+@pytest.mark.parametrize("name", ["inline", "gpu-production", "gpu-production-3-engines"])
 def test_monitoring_objects(name: str) -> None:
     objects = render(name)
     values = VALUE_SETS[name]["metrics"]
@@ -711,6 +818,8 @@ def test_monitoring_objects(name: str) -> None:
         for relabel in endpoint.get("relabelings", []):
             if relabel["targetLabel"] == "job":
                 jobs[component] = relabel["replacement"]
+        if component == "engine":  # the ClusterIP Service, not the headless one
+            assert service["spec"].get("clusterIP") != "None"
     # The alert rules expect the gateway as job "loraplex"; vLLM as job "vllm" (prometheus.yml).
     assert jobs == {"gateway": "loraplex", "engine": "vllm"}
 
@@ -760,11 +869,39 @@ def test_dashboard_configmap_can_be_turned_off() -> None:
 def test_notes_warn_about_what_is_missing() -> None:
     text = notes({"engine": {"replicas": 2}})
     assert "no admin key is configured" in text
-    assert "engine.replicas=2" in text
-    assert "multi-engine routing" in text
     assert "SQLite" in text
     assert "copy the base checkpoint" in text
+    assert "engine.replicas=2" not in text  # several engines work (adapters volume RWX)
     quiet = notes(VALUE_SETS["gpu-production"])
     assert "WARNING" not in quiet
     assert "SQLite" not in quiet
     assert f"svc/{RELEASE}-loraplex-gateway" in quiet
+
+
+@pytest.mark.parametrize("name", ["default", "engines-3", "gpu-production-3-engines"])
+def test_notes_name_the_engine_discovery(name: str) -> None:
+    text = notes(VALUE_SETS[name])
+    domain = VALUE_SETS[name].get("clusterDomain", "cluster.local")
+    assert f"Engines: {engine_count(name)} vLLM pod(s)" in text
+    assert f"{RELEASE}-loraplex-engine-headless.{NAMESPACE}.svc.{domain}" in text
+    if name != "default":
+        assert "WARNING: engine.replicas" not in text
+
+
+def test_notes_warn_when_several_engines_cannot_share_the_volumes() -> None:
+    single_node: dict[str, Any] = {
+        "engine": {"replicas": 3},
+        "storage": {
+            "adapters": {"accessModes": ["ReadWriteOnce"]},
+            "models": {"accessModes": ["ReadOnlyMany"]},  # enough for the read-only models
+        },
+    }
+    text = notes(single_node)
+    assert "WARNING: engine.replicas=3 but storage.adapters can be mounted on one node" in text
+    assert "storage.models" not in text
+    single_node["engine"]["replicas"] = 1
+    assert "WARNING: engine.replicas" not in notes(single_node)
+    # An existing claim's access modes are not the chart's to know.
+    single_node["engine"]["replicas"] = 3
+    single_node["storage"]["adapters"]["existingClaim"] = "shared-adapters"
+    assert "WARNING: engine.replicas" not in notes(single_node)

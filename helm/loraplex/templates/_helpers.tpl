@@ -67,8 +67,18 @@ app.kubernetes.io/component: {{ index . 1 }}
 {{- printf "%s/%s" (include "loraplex.modelsDir" .) (.Values.engine.model.path | trimSuffix "/") }}
 {{- end }}
 
+{{/*
+Engines. vLLM listens on one fixed container port. The gateway finds every ready engine pod
+through the headless Service's DNS name and connects to the pod addresses directly (no
+kube-proxy in between), so the port in its engine URL is the container port.
+*/}}
+{{- define "loraplex.enginePort" -}}8000{{- end }}
+{{- define "loraplex.engineHeadlessName" -}}{{ include "loraplex.child" (list . "engine-headless") }}{{- end }}
+{{- define "loraplex.engineDiscoveryDns" -}}
+{{- printf "%s.%s.svc.%s" (include "loraplex.engineHeadlessName" .) .Release.Namespace (.Values.clusterDomain | trimSuffix ".") }}
+{{- end }}
 {{- define "loraplex.engineUrl" -}}
-{{- printf "http://%s:%d" (include "loraplex.engineName" .) (int .Values.engine.service.port) }}
+{{- printf "http://%s:%s" (include "loraplex.engineHeadlessName" .) (include "loraplex.enginePort" .) }}
 {{- end }}
 
 {{/* "true" when the registry lives in an external PostgreSQL. */}}
