@@ -17,7 +17,7 @@ from typing import Any, Protocol
 import orjson
 
 from adapters.errors import AdapterRejected
-from adapters.loader import Residency
+from adapters.placement import EnginePool
 from adapters.registry import Actor, NewVersion, Registry, VersionNotFound
 from adapters.sources import redact_url
 from adapters.types import DEFAULT_ALIAS, AdapterVersion, VersionState
@@ -41,10 +41,6 @@ class SourceResolver(Protocol):
     async def aclose(self) -> None: ...
 
 
-class GenerateAPI(Protocol):
-    async def post(self, path: str, payload: bytes) -> Any: ...
-
-
 class SmokeFailed(AdapterRejected):
     code = "adapter_smoke_failed"
 
@@ -64,9 +60,8 @@ class AdapterLifecycle:
     def __init__(
         self,
         registry: Registry,
-        residency: Residency,
+        engines: EnginePool,
         sources: SourceResolver,
-        engine: GenerateAPI,
         limits: ValidationLimits,
         base: Callable[[], Awaitable[BaseModelInfo]],
         *,
@@ -74,9 +69,8 @@ class AdapterLifecycle:
         smoke_max_tokens: int = 4,
     ) -> None:
         self.registry = registry
-        self.residency = residency
+        self.engines = engines
         self._sources = sources
-        self._engine = engine
         self.limits = limits
         self._base = base
         self._allow_unknown_base = allow_unknown_base
@@ -184,21 +178,21 @@ class AdapterLifecycle:
         self, name: str, number: int, pinned: bool, actor: Actor
     ) -> AdapterVersion:
         version = await self.registry.set_pinned(name, number, pinned, actor)
-        self.residency.set_pinned(version.served_name, pinned)
+        self.engines.set_pinned(version.served_name, pinned)
         if pinned and version.routable:
-            await self.residency.ensure(version)  # warm-up: a pinned version is always resident
+            await self.engines.ensure(version)  # warm-up: a pinned version is always resident
         return version
 
     async def retire(self, name: str, number: int, actor: Actor) -> AdapterVersion:
         """Stop routing to a version, then drain and unregister it from the engine."""
         version = await self.registry.set_state(name, number, VersionState.RETIRED, actor)
-        await self.residency.unregister(version.served_name)
+        await self.engines.unregister(version.served_name)
         return version
 
     async def delete(self, name: str, number: int, actor: Actor) -> AdapterVersion:
         """Forget a version; the registry refuses (409) while an alias points at it."""
         version = await self.registry.delete_version(name, number, actor)
-        await self.residency.unregister(version.served_name)
+        await self.engines.unregister(version.served_name)
         return version
 
     async def _smoke_and_ready(self, version: AdapterVersion, actor: Actor) -> AdapterVersion:
@@ -209,7 +203,7 @@ class AdapterLifecycle:
             await self.registry.set_state(
                 version.name, version.version, VersionState.REJECTED, actor, reason=reason
             )
-            await self.residency.unregister(version.served_name, drain_timeout_s=0)
+            await self.engines.unregister(version.served_name, drain_timeout_s=0)
             raise SmokeFailed(f"{version.label} rejected: {reason}") from exc
         return await self.registry.set_state(
             version.name,
@@ -221,7 +215,7 @@ class AdapterLifecycle:
 
     async def _smoke(self, version: AdapterVersion) -> None:
         """One short greedy generation through the engine under the version's served name."""
-        lease = await self.residency.acquire(version)
+        lease = await self.engines.acquire(version)
         try:
             payload = {
                 "model": lease.served_name,
@@ -229,7 +223,7 @@ class AdapterLifecycle:
                 "max_tokens": self._smoke_max_tokens,
                 "temperature": 0,
             }
-            resp = await self._engine.post("/v1/completions", orjson.dumps(payload))
+            resp = await lease.engine.post("/v1/completions", orjson.dumps(payload))
         finally:
             lease.release()
         if resp.status != 200:

@@ -111,6 +111,11 @@ class Residency:
         slot = self._slots.get(served_name)
         return slot is not None and slot.registered
 
+    def is_routable(self, served_name: str) -> bool:
+        """Registered and not being taken off: a lease on it needs no engine call."""
+        slot = self._slots.get(served_name)
+        return slot is not None and slot.registered and not slot.draining
+
     def in_flight(self, served_name: str) -> int:
         slot = self._slots.get(served_name)
         return 0 if slot is None else slot.refs

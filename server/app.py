@@ -5,12 +5,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import time
 import uuid
 from collections.abc import AsyncIterator, Callable
+from functools import partial
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import orjson
 import yaml
 from fastapi import FastAPI
@@ -23,13 +24,15 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from adapters.archive import ArchiveLimits
 from adapters.lifecycle import AdapterLifecycle
 from adapters.loader import Residency
-from adapters.registry import SYSTEM, Registry, RegistryUnavailable
+from adapters.placement import EnginePool
+from adapters.registry import Registry
 from adapters.sources import SourceResolver, SourceSettings
-from adapters.types import NAME_RE, VersionState
+from adapters.types import NAME_RE
 from adapters.validate import ValidationLimits
 from server.auth import TenantDirectory, hash_key, read_tenants_file
 from server.base_model import BaseModelCache
 from server.engine_process import LocalEngine
+from server.engine_watch import watch_engines
 from server.errors import HTTP_STATUS_CODES, LoraplexError, error_payload
 from server.experiments.controller import start_controller
 from server.experiments.service import ExperimentService, FeedbackMemory
@@ -46,12 +49,12 @@ from server.routes import (
     openai,
 )
 from server.routes.admin_drift import router as drift_router
-from server.routes.admin_drift import start_drift, sync_drift
+from server.routes.admin_drift import start_drift
 from server.routing import AutoRouting
 from server.settings import Settings
 from server.state import GatewayState
 from server.telemetry.metrics import GatewayMetrics
-from server.upstream import AiohttpEngineClient, EngineClient
+from server.upstream import AiohttpEngineClient, EngineClient, engine_session
 
 log = logging.getLogger("loraplex.app")
 
@@ -63,7 +66,8 @@ def create_app(settings: Settings, engine_factory: EngineFactory | None = None) 
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        state = await build_state(settings, engine_factory)
+        session = None if engine_factory else engine_session(settings.engine)
+        state = await build_state(settings, engine_factory, session)
         app.state.loraplex = state
         try:
             app.state.loraplex_router = AutoRouting.start(settings)  # model="auto" (None: off)
@@ -71,7 +75,8 @@ def create_app(settings: Settings, engine_factory: EngineFactory | None = None) 
             if settings.engine.mode == "local":
                 state.local_engine = LocalEngine(settings.engine)
                 await state.local_engine.start()
-            watcher = asyncio.create_task(watch_engine(state), name="engine-watcher")
+            bootstrap = read_adapters_file(settings.adapters_file)
+            watcher = asyncio.create_task(watch_engines(state, bootstrap), name="engine-watcher")
             state.controller = start_controller(state)
             controller = asyncio.create_task(state.controller.run(), name="experiments")
             try:
@@ -85,7 +90,10 @@ def create_app(settings: Settings, engine_factory: EngineFactory | None = None) 
                 if state.local_engine is not None:
                     await state.local_engine.stop()
         finally:
-            await state.engine.aclose()
+            for member in state.engines:
+                await member.client.aclose()
+            if session is not None:
+                await session.close()
             await state.lifecycle.aclose()
             await state.registry.close()
 
@@ -109,8 +117,12 @@ def create_app(settings: Settings, engine_factory: EngineFactory | None = None) 
     return app
 
 
-async def build_state(settings: Settings, engine_factory: EngineFactory | None) -> GatewayState:
-    """Open the registry (migrating it), seed bootstrap tenants, wire residency + lifecycle."""
+async def build_state(
+    settings: Settings,
+    engine_factory: EngineFactory | None,
+    session: aiohttp.ClientSession | None = None,
+) -> GatewayState:
+    """Open the registry (migrating it), seed bootstrap tenants, wire engines + lifecycle."""
     metrics = GatewayMetrics()
     admin = []
     if settings.admin_key_sha256:
@@ -127,17 +139,25 @@ async def build_state(settings: Settings, engine_factory: EngineFactory | None) 
     except BaseException:
         await registry.close()
         raise
-    engine = engine_factory(settings) if engine_factory else AiohttpEngineClient(settings.engine)
-    residency = Residency(
-        engine,
-        reg.budget,
-        drain_timeout_s=reg.drain_timeout_s,
+    engines = EnginePool(
+        partial(_connect, settings, engine_factory, session),
+        lambda client: Residency(
+            client,
+            reg.budget,
+            drain_timeout_s=reg.drain_timeout_s,
+            retry_after_s=settings.engine.retry_after_s,
+            observer=metrics.observe_residency,
+        ),
+        [] if settings.engine.discovery_dns else settings.engine.engine_urls,
+        base_name=settings.engine.served_model_name,
+        budget=reg.budget,
+        spill_threshold=settings.engine.spill_threshold,
         retry_after_s=settings.engine.retry_after_s,
-        observer=metrics.observe_residency,
+        on_pick=metrics.observe_pick,
     )
     lifecycle = AdapterLifecycle(
         registry,
-        residency,
+        engines,
         SourceResolver(
             SourceSettings(
                 cache_dir=reg.cache_dir,
@@ -148,7 +168,6 @@ async def build_state(settings: Settings, engine_factory: EngineFactory | None) 
                 s3_endpoint_url=reg.s3_endpoint_url,
             )
         ),
-        engine,
         ValidationLimits(
             max_rank=settings.engine.max_lora_rank, max_adapter_bytes=reg.max_adapter_bytes
         ),
@@ -159,14 +178,27 @@ async def build_state(settings: Settings, engine_factory: EngineFactory | None) 
     return GatewayState(
         settings,
         registry,
-        residency,
+        engines,
         lifecycle,
-        engine,
         metrics,
         tuple(admin),
         ExperimentService(metrics, FeedbackMemory(exp.feedback_max_entries, exp.feedback_ttl_s)),
         ShadowMirror(exp.shadow_max_concurrency),
     )
+
+
+def _connect(
+    settings: Settings,
+    factory: EngineFactory | None,
+    session: aiohttp.ClientSession | None,
+    url: str,
+) -> EngineClient:
+    """A client for the engine at `url`: the real one over the shared session, or the test
+    factory's (called with settings whose engine url is `url`)."""
+    if factory is not None:
+        engine = settings.engine.model_copy(update={"url": url})
+        return factory(settings.model_copy(update={"engine": engine}))
+    return AiohttpEngineClient(settings.engine, base_url=url, session=session)
 
 
 def read_adapters_file(path: Path | None) -> dict[str, str]:
@@ -182,124 +214,6 @@ def read_adapters_file(path: Path | None) -> dict[str, str]:
     if bad:
         raise ValueError(f"{path}: adapter names use 1-64 characters from [A-Za-z0-9._-]: {bad}")
     return {str(k): str(v) for k, v in adapters.items()}
-
-
-async def watch_engine(state: GatewayState) -> None:
-    """Track engine health; when it (re)appears, register the bootstrap adapters (first time)
-    and what the engine lost; follow other replicas' registry changes."""
-    status = state.engine_status
-    interval = state.settings.engine.health_interval_s
-    bootstrap = read_adapters_file(state.settings.adapters_file)
-    next_poll = 0.0
-    while True:
-        # Consume the wake-up flag every round: left set, the wait below would spin.
-        wanted = state.reconcile_wanted.is_set()
-        state.reconcile_wanted.clear()
-        up = await state.engine.health()
-        if up and status.up and status.reconciled and not wanted:
-            wanted = await engine_lost_adapters(state)
-        if up and (not status.up or not status.reconciled or wanted):
-            try:
-                if bootstrap:
-                    await register_bootstrap(state, bootstrap)
-                    bootstrap = {}
-                await reconcile_engine(state)
-                status.reconciled = True
-            except LoraplexError as exc:
-                log.warning("adapter reconcile failed", extra={"error": exc.message})
-                status.reconciled = False
-            except Exception:  # a bug must not stop the watcher (and readiness) for good
-                log.exception("adapter reconcile crashed")
-                status.reconciled = False
-        elif not up and status.up:
-            log.warning("engine is down")
-            status.restarts_seen += 1
-            state.residency.mark_engine_lost()
-            status.reconciled = False
-        status.up = up
-        if time.monotonic() >= next_poll:
-            next_poll = time.monotonic() + state.settings.registry.poll_interval_s
-            await follow_registry(state)
-        update_gauges(state)
-        # asyncio.timeout, not wait_for: on 3.11 wait_for swallows a cancel that races with
-        # the event being set, and the lifespan's `await watcher` then never returns.
-        with contextlib.suppress(TimeoutError):
-            async with asyncio.timeout(interval):
-                await state.reconcile_wanted.wait()
-
-
-async def engine_lost_adapters(state: GatewayState) -> bool:
-    """An engine restarted between two health probes never looked down (tests/faults): ask
-    it what it serves and reconcile when something registered on it is missing."""
-    registered = state.residency.registered_names()
-    if not registered:
-        return False
-    try:
-        served = await state.engine.served_models()
-    except LoraplexError:
-        return False  # the next health probe tells whether it is down
-    missing = set(registered) - served
-    if missing:
-        log.warning("engine lost registered adapters (restarted?)", extra={"count": len(missing)})
-    return bool(missing)
-
-
-async def register_bootstrap(state: GatewayState, adapters: dict[str, str]) -> None:
-    for name, source in adapters.items():
-        try:
-            # The file says what `name` means now: its content becomes `stable`.
-            version, created = await state.lifecycle.register(name, source, SYSTEM, alias="stable")
-        except LoraplexError as exc:
-            log.error(
-                "bootstrap adapter refused",
-                extra={"adapter": name, "code": exc.error_code, "error": exc.message},
-            )
-            continue
-        log.info("bootstrap adapter", extra={"adapter": version.label, "new": created})
-
-
-async def reconcile_engine(state: GatewayState) -> None:
-    snap = state.registry.snapshot
-    known = {v.served_name: v for v in snap.versions.values() if v.routable}
-    await state.residency.reconcile(known, [v for v in known.values() if v.pinned])
-
-
-async def follow_registry(state: GatewayState) -> None:
-    """Another replica changed the registry: apply pins and drop what is no longer routable.
-
-    The database may be away for a while (the registry logs when an outage starts and ends):
-    requests keep the last snapshot, and this never raises, since it runs inside the engine
-    watcher, which must keep tracking the engine meanwhile."""
-    try:
-        changed = await state.registry.refresh_if_changed()
-        if changed:
-            await sync_drift(state)  # another replica may have set or reset a drift reference
-    except RegistryUnavailable:
-        return  # polled again next round
-    except Exception:
-        log.exception("registry refresh failed")
-        return
-    if not changed:
-        return
-    versions = state.registry.snapshot.versions
-    for slot in state.residency.slots():
-        version = versions.get((slot.version.name, slot.version.version))
-        if version is None or version.state in (VersionState.RETIRED, VersionState.REJECTED):
-            state.background(state.residency.unregister(slot.version.served_name))
-        elif version.routable:
-            state.residency.set_pinned(version.served_name, version.pinned)
-        # registered / validated: a registration is running its smoke generation; leave it.
-
-
-def update_gauges(state: GatewayState) -> None:
-    m = state.metrics
-    m.engine_up.set(1 if state.engine_status.up else 0)
-    m.adapters_resident.set(len(state.residency.registered_names()))
-    counts = dict.fromkeys((s.value for s in VersionState), 0)
-    for v in state.registry.snapshot.versions.values():
-        counts[v.state.value] += 1
-    for name, n in counts.items():
-        m.adapter_versions.labels(name).set(n)
 
 
 def _install_error_handlers(app: FastAPI) -> None:

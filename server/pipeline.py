@@ -7,6 +7,7 @@ steps (and which error wins) is in one place.
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from functools import partial
 from typing import Any, Literal
@@ -16,7 +17,7 @@ from pydantic import BaseModel, ValidationError
 from starlette.requests import Request
 from starlette.responses import Response
 
-from adapters.loader import Lease
+from adapters.placement import EngineLease
 from adapters.types import AdapterRef, AdapterVersion
 from router.experiments import Assignment
 from server.auth import Tenant
@@ -36,11 +37,17 @@ from server.quotas import apply_caps, has_caps
 from server.relay import FinishingResponse, RequestRecord, SSEResponse, relay_events
 from server.routing import resolve_model
 from server.state import GatewayState
-from server.upstream import UpstreamResponse, engine_message
+from server.upstream import (
+    UpstreamResponse,
+    UpstreamStream,
+    engine_message,
+    prefetch_first_event,
+)
 
 ADAPTER_HEADER = "x-loraplex-adapter"
 USER_HEADER = "x-loraplex-user"  # sticky experiment assignment key (else the API key)
 DEFAULT_MODEL_NAMES = frozenset({"", "default"})
+log = logging.getLogger("loraplex.pipeline")
 
 ENDPOINTS: dict[str, tuple[str, type[ChatCompletionRequest] | type[CompletionRequest]]] = {
     "chat": ("/v1/chat/completions", ChatCompletionRequest),
@@ -176,27 +183,46 @@ def _shadow_version(
         return False
 
 
-async def lease_for(state: GatewayState, version: AdapterVersion) -> Lease:
-    """Hold `version` registered on the engine for the request (registering it if needed)."""
-    if not state.engine_status.up:
-        raise EngineUnavailable(
-            "The inference engine is not ready.", retry_after_s=state.settings.engine.retry_after_s
-        )
-    return await state.residency.acquire(version)
+async def failover(
+    state: GatewayState, record: RequestRecord, version: AdapterVersion | None, exc: LoraplexError
+) -> EngineLease:
+    """The request's engine could not serve it and nothing reached the client: skip that
+    engine until its next good probe and take another one (registering the adapter there if
+    needed). Raises `exc` when there is no other engine."""
+    pool = state.engines
+    lease = record.lease
+    if lease is None or len(pool) < 2:
+        raise exc
+    failed = lease.member
+    pool.set_suspect(failed)
+    state.reconcile_wanted.set()  # the watcher probes it now
+    lease.release()
+    record.lease = None
+    try:
+        record.lease = await pool.acquire(version, exclude=(failed,))
+    except EngineUnavailable:
+        raise exc from None
+    state.metrics.engine_failovers.inc()
+    log.warning(
+        "request moved to another engine",
+        extra={"request_id": record.request_id, "engine": failed.url, "error": exc.error_code},
+    )
+    return record.lease
 
 
-def upstream_failure(state: GatewayState, adapter: str, status: int, body: bytes) -> LoraplexError:
+def upstream_failure(
+    state: GatewayState, lease: EngineLease | None, adapter: str, status: int, body: bytes
+) -> LoraplexError:
     """Map an engine error status without leaking engine internals (e.g. its served names)."""
     if status == 404:
-        state.reconcile_wanted.set()  # the engine lost it behind our back: re-register now
+        if lease is not None:  # the engine lost it behind our back: re-register now
+            lease.member.reconcile_wanted = True
+        state.reconcile_wanted.set()
         return ModelNotFound(f"The model '{adapter}' is not available right now.", param="model")
     if status in (400, 422):
         return BadRequest(engine_message(body))
     if status == 503:
-        return EngineUnavailable(
-            "The inference engine is overloaded or starting.",
-            retry_after_s=state.settings.engine.retry_after_s,
-        )
+        return _overloaded(state)
     return UpstreamError(f"The inference engine failed ({status}).")
 
 
@@ -266,13 +292,11 @@ async def _generate(
         record.charge_tokens = partial(state.quotas.charge_tokens, tenant.name, tenant.quotas)
     record.stream = bool(parsed.stream)
     if version is None:
-        adapter = label = state.settings.engine.served_model_name
-        record.adapter = adapter
+        label = record.adapter = state.settings.engine.served_model_name
     else:
-        record.adapter = version.name
-        record.lease = await lease_for(state, version)
-        adapter, label = record.lease.served_name, version.label
-    body["model"] = adapter
+        record.adapter, label = version.name, version.label
+    record.lease = await state.engines.acquire(version)
+    body["model"] = record.lease.served_name  # the same on every engine
     headers = {"X-Loraplex-Adapter": label, **route_headers}
     if record.variant is not None and assignment is not None:
         headers["X-Loraplex-Experiment"] = assignment.experiment
@@ -285,9 +309,9 @@ async def _generate(
                 )
 
     if not parsed.stream:
-        resp = await state.engine.post(path, orjson.dumps(body))
+        resp = await _post(state, record, version, path, orjson.dumps(body))
         if resp.status != 200:
-            raise upstream_failure(state, label, resp.status, resp.body)
+            raise upstream_failure(state, record.lease, label, resp.status, resp.body)
         _record_usage(record, resp)
         return FinishingResponse(resp.body, headers, record)  # accounted once sent
 
@@ -297,13 +321,7 @@ async def _generate(
         options = dict(body.get("stream_options") or {})
         options["include_usage"] = True
         body["stream_options"] = options
-    stream = await state.engine.open_stream(path, orjson.dumps(body))
-    if stream.status != 200:
-        try:
-            err_body = await stream.read_body()
-        finally:
-            await stream.aclose()
-        raise upstream_failure(state, label, stream.status, err_body)
+    stream = await _open_stream(state, record, version, path, orjson.dumps(body), label)
 
     async def on_close() -> None:
         await stream.aclose()
@@ -316,6 +334,69 @@ async def _generate(
         deadline = arrived + state.settings.max_stream_duration_s
         events = bounded_stream(events, record, deadline, state.settings.engine.read_timeout_s)
     return SSEResponse(events, headers=headers, on_close=on_close)
+
+
+async def _post(
+    state: GatewayState,
+    record: RequestRecord,
+    version: AdapterVersion | None,
+    path: str,
+    payload: bytes,
+) -> UpstreamResponse:
+    """A non-streaming generation; moved to another engine once if its engine was lost (a
+    lost connection included: the client has received nothing yet) or answered 503."""
+    assert record.lease is not None
+    try:
+        resp = await record.lease.engine.post(path, payload)
+    except EngineUnavailable as exc:
+        lease = await failover(state, record, version, exc)
+    else:
+        if resp.status != 503 or len(state.engines) < 2:
+            return resp
+        lease = await failover(state, record, version, _overloaded(state))
+    return await lease.engine.post(path, payload)
+
+
+async def _open_stream(
+    state: GatewayState,
+    record: RequestRecord,
+    version: AdapterVersion | None,
+    path: str,
+    payload: bytes,
+    label: str,
+) -> UpstreamStream:
+    """Open the engine stream. With several engines the first event is awaited before the
+    response starts, so an engine lost before it moves the request (once) instead of
+    failing it; a stream is committed to its engine from its first event on."""
+    several = len(state.engines) > 1
+    for last in (False, True):
+        lease = record.lease
+        assert lease is not None
+        try:
+            stream = await lease.engine.open_stream(path, payload)
+            if stream.status == 200:
+                return await prefetch_first_event(stream) if several else stream
+        except EngineUnavailable as exc:
+            if last:
+                raise
+            await failover(state, record, version, exc)
+            continue
+        try:
+            err_body = await stream.read_body()
+        finally:
+            await stream.aclose()
+        if stream.status == 503 and several and not last:
+            await failover(state, record, version, _overloaded(state))
+            continue
+        raise upstream_failure(state, lease, label, stream.status, err_body)
+    raise AssertionError("unreachable: the last attempt returns or raises")
+
+
+def _overloaded(state: GatewayState) -> EngineUnavailable:
+    return EngineUnavailable(
+        "The inference engine is overloaded or starting.",
+        retry_after_s=state.settings.engine.retry_after_s,
+    )
 
 
 def _record_usage(record: RequestRecord, resp: UpstreamResponse) -> None:

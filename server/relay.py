@@ -17,7 +17,7 @@ import orjson
 from starlette.responses import Response, StreamingResponse
 from starlette.types import Receive, Scope, Send
 
-from adapters.loader import Lease
+from adapters.placement import EngineLease
 from server.errors import LoraplexError, UpstreamError
 from server.telemetry.drift import DriftMonitor
 from server.telemetry.metrics import GatewayMetrics
@@ -56,7 +56,7 @@ class RequestRecord:
     experiment: str | None = None
     variant: str | None = None
     # Released / charged once in `finish`, whatever way the request ends.
-    lease: Lease | None = None
+    lease: EngineLease | None = None
     charge_tokens: Callable[[int], None] | None = None
     release_slot: Callable[[], None] | None = None  # tenant's concurrency slot (server/quotas.py)
     drift: DriftMonitor | None = None  # observes the finished request (telemetry/drift.py)

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Literal
 from urllib.parse import urlsplit
 
-from pydantic import BaseModel, Field, SecretStr, field_validator
+from pydantic import BaseModel, Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from server.telemetry.drift import DriftSettings
@@ -50,14 +50,41 @@ class EngineSettings(BaseModel):
     retry_backoff_max_s: float = Field(0.25, ge=0)
     retry_after_s: int = 1
     health_interval_s: float = 2.0
+    # Several engines (docs/deploy.md, "Several engines"): a static list, or every address of
+    # a DNS name (a Kubernetes headless Service) re-resolved each interval, reached with the
+    # scheme and port of `url`. Neither: the one engine at `url`.
+    urls: list[str] = Field(default_factory=list)
+    discovery_dns: str | None = None
+    discovery_interval_s: float = Field(10.0, gt=0)
+    # Adapter affinity yields to load: an adapter is also registered on the least-loaded
+    # engine when the least-loaded engine holding it carries this many more requests.
+    spill_threshold: int = Field(16, ge=1)
 
     @field_validator("url")
     @classmethod
     def _strip_slash(cls, v: str) -> str:
-        parts = urlsplit(v)
-        if parts.scheme not in ("http", "https") or not parts.hostname:
-            raise ValueError("engine url must be http(s)://host[:port]")
-        return v.rstrip("/")
+        return _engine_url(v)
+
+    @field_validator("urls")
+    @classmethod
+    def _check_urls(cls, v: list[str]) -> list[str]:
+        urls = [_engine_url(u) for u in v]
+        if len(set(urls)) != len(urls):
+            raise ValueError("engine urls must be distinct")
+        return urls
+
+    @model_validator(mode="after")
+    def _one_engine_source(self) -> EngineSettings:
+        if self.urls and self.discovery_dns:
+            raise ValueError("set engine.urls or engine.discovery_dns, not both")
+        if self.mode == "local" and (self.urls or self.discovery_dns):
+            raise ValueError("engine.mode 'local' supervises one engine: leave urls and dns unset")
+        return self
+
+    @property
+    def engine_urls(self) -> list[str]:
+        """The static engine set (DNS discovery replaces it at run time)."""
+        return self.urls or [self.url]
 
     @property
     def port(self) -> int:
@@ -67,6 +94,13 @@ class EngineSettings(BaseModel):
     @property
     def host(self) -> str:
         return urlsplit(self.url).hostname or "127.0.0.1"
+
+
+def _engine_url(v: str) -> str:
+    parts = urlsplit(v)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ValueError("engine url must be http(s)://host[:port]")
+    return v.rstrip("/")
 
 
 class RegistrySettings(BaseModel):

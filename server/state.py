@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING
 from starlette.requests import Request
 
 from adapters.lifecycle import AdapterLifecycle
-from adapters.loader import Residency
+from adapters.placement import EnginePool
 from adapters.registry import Registry
 from server.auth import TenantDirectory
 from server.experiments.service import ExperimentService
@@ -19,39 +19,37 @@ from server.quotas import QuotaBook
 from server.settings import Settings
 from server.telemetry.drift import DriftMonitor
 from server.telemetry.metrics import GatewayMetrics
-from server.upstream import EngineClient
 
 if TYPE_CHECKING:
     from server.engine_process import LocalEngine
     from server.experiments.controller import ExperimentController
 
 
-@dataclass(slots=True)
+@dataclass(frozen=True, slots=True)
 class EngineStatus:
-    """What the health watcher last saw of the engine."""
+    """What the health watcher last saw of the engines, in sum."""
 
-    up: bool = False
-    reconciled: bool = False
-    restarts_seen: int = 0
+    up: bool  # at least one engine answers
+    reconciled: bool  # at least one is up with its adapters registered
+    restarts_seen: int
 
 
 @dataclass(slots=True)
 class GatewayState:
     settings: Settings
     registry: Registry
-    residency: Residency
+    engines: EnginePool
     lifecycle: AdapterLifecycle
-    engine: EngineClient
     metrics: GatewayMetrics
     admin_digests: tuple[str, ...]
     experiments: ExperimentService
     shadow: ShadowMirror
     quotas: QuotaBook = field(default_factory=QuotaBook)
-    engine_status: EngineStatus = field(default_factory=EngineStatus)
     local_engine: LocalEngine | None = None
     drift: DriftMonitor | None = None  # traffic drift per tenant (None: off)
     controller: ExperimentController | None = None
-    # Set when a request finds an adapter missing on the engine: the watcher reconciles now.
+    # Set when a request finds an adapter missing on an engine, or an engine unreachable: the
+    # watcher probes and reconciles now.
     reconcile_wanted: asyncio.Event = field(default_factory=asyncio.Event)
     _tasks: set[asyncio.Task[object]] = field(default_factory=set)
     _tenants: TenantDirectory | None = None
@@ -59,7 +57,12 @@ class GatewayState:
 
     @property
     def ready(self) -> bool:
-        return self.engine_status.up and self.engine_status.reconciled
+        return self.engines.ready
+
+    @property
+    def engine_status(self) -> EngineStatus:
+        pool = self.engines
+        return EngineStatus(pool.up, pool.ready, sum(m.restarts_seen for m in pool))
 
     def background(self, work: Coroutine[object, object, object]) -> None:
         """Run `work` without awaiting it (kept referenced until done)."""

@@ -68,6 +68,14 @@ class UpstreamStream(Protocol):
     async def aclose(self) -> None: ...
 
 
+@dataclass(frozen=True, slots=True)
+class EngineLoad:
+    """An engine's scheduler queues, from its Prometheus /metrics (all gateways' requests)."""
+
+    waiting: float
+    running: float
+
+
 class EngineClient(Protocol):
     """What the gateway needs from an engine. Fakes in tests implement the same methods."""
 
@@ -76,6 +84,8 @@ class EngineClient(Protocol):
     async def open_stream(self, path: str, payload: bytes) -> UpstreamStream: ...
 
     async def health(self) -> bool: ...
+
+    async def load(self) -> EngineLoad | None: ...
 
     async def served_models(self) -> set[str]: ...
 
@@ -129,32 +139,83 @@ class _AiohttpStream:
             self._resp.close()
 
 
+class PrefetchedStream:
+    """A stream whose first event was already read. Until that event arrives nothing has
+    reached the client, so a request can still move to another engine (server/pipeline.py);
+    after it, the stream is committed and a failure ends it with an SSE error event."""
+
+    def __init__(
+        self, inner: UpstreamStream, first: bytes | None, rest: AsyncIterator[bytes]
+    ) -> None:
+        self.status = inner.status
+        self._inner = inner
+        self._first = first
+        self._rest = rest
+
+    async def read_body(self) -> bytes:
+        return await self._inner.read_body()
+
+    async def events(self) -> AsyncIterator[bytes]:
+        if self._first is None:
+            return
+        yield self._first
+        async for data in self._rest:
+            yield data
+
+    async def aclose(self) -> None:
+        await self._inner.aclose()
+
+
+async def prefetch_first_event(stream: UpstreamStream) -> PrefetchedStream:
+    """Wait for the stream's first event (an engine failure before it raises here)."""
+    events = stream.events()
+    try:
+        first: bytes | None = await anext(events)
+    except StopAsyncIteration:
+        first = None  # ended at once: the relay reports the early end
+    return PrefetchedStream(stream, first, events)
+
+
 class _ErrorMapper(Protocol):
     def __call__(self, exc: BaseException) -> LoraplexError: ...
 
 
-class AiohttpEngineClient:
-    """EngineClient over one pooled aiohttp session (created inside the app's lifespan)."""
+def engine_session(settings: EngineSettings) -> aiohttp.ClientSession:
+    """The one pooled session every engine client of a gateway shares (per-host limits keep
+    one engine from taking every connection)."""
+    connector = aiohttp.TCPConnector(
+        limit=0,  # bounded per engine by limit_per_host
+        limit_per_host=settings.pool_size,
+        keepalive_timeout=settings.keepalive_timeout_s,
+    )
+    return aiohttp.ClientSession(
+        connector=connector,
+        json_serialize=lambda o: orjson.dumps(o).decode(),
+        auto_decompress=False,
+        # One session serves every tenant: never carry engine cookies between requests
+        # (and skip the cookie-jar filtering aiohttp does on each request).
+        cookie_jar=aiohttp.DummyCookieJar(),
+    )
 
-    def __init__(self, settings: EngineSettings) -> None:
+
+class AiohttpEngineClient:
+    """EngineClient for one engine over a pooled aiohttp session (created inside the app's
+    lifespan; shared by the clients of several engines when `session` is given)."""
+
+    def __init__(
+        self,
+        settings: EngineSettings,
+        *,
+        base_url: str | None = None,
+        session: aiohttp.ClientSession | None = None,
+    ) -> None:
         self._settings = settings
-        self._base = settings.url
-        connector = aiohttp.TCPConnector(
-            limit=settings.pool_size,
-            limit_per_host=settings.pool_size,
-            keepalive_timeout=settings.keepalive_timeout_s,
-        )
-        self._connector = connector
+        self._base = base_url or settings.url
+        self._owns_session = session is None
+        self._session = engine_session(settings) if session is None else session
+        self._connector = self._session.connector
         # Retries made, by reason (connect, disconnect, status_503): the runtime admin view.
         self.retried: Counter[str] = Counter()
-        self._session = aiohttp.ClientSession(
-            connector=connector,
-            json_serialize=lambda o: orjson.dumps(o).decode(),
-            auto_decompress=False,
-            # One session serves every tenant: never carry engine cookies between requests
-            # (and skip the cookie-jar filtering aiohttp does on each request).
-            cookie_jar=aiohttp.DummyCookieJar(),
-        )
         self._timeout = aiohttp.ClientTimeout(
             total=settings.request_timeout_s,
             connect=settings.connect_timeout_s,
@@ -241,6 +302,19 @@ class AiohttpEngineClient:
         except (TimeoutError, aiohttp.ClientError, OSError):
             return False
 
+    async def load(self) -> EngineLoad | None:
+        """Queue depth from vLLM's /metrics (None: not exported or not reachable)."""
+        try:
+            async with self._session.get(
+                self._base + "/metrics", timeout=self._probe_timeout
+            ) as resp:
+                if resp.status != 200:
+                    return None
+                text = await resp.text(errors="replace")
+        except (TimeoutError, aiohttp.ClientError, OSError, UnicodeDecodeError):
+            return None
+        return parse_engine_load(text)
+
     async def served_models(self) -> set[str]:
         try:
             async with self._session.get(
@@ -279,7 +353,31 @@ class AiohttpEngineClient:
         raise UpstreamError(f"engine failed to unload the adapter ({resp.status})")
 
     async def aclose(self) -> None:
-        await self._session.close()
+        if self._owns_session:
+            await self._session.close()
+
+
+_LOAD_SERIES = {b"vllm:num_requests_waiting": "waiting", b"vllm:num_requests_running": "running"}
+
+
+def parse_engine_load(text: str) -> EngineLoad | None:
+    """Sum vLLM's waiting / running gauges over their label sets (one per served model)."""
+    sums = {"waiting": 0.0, "running": 0.0}
+    seen = False
+    for line in text.encode().splitlines():
+        if not line.startswith(b"vllm:num_requests_"):
+            continue
+        name, _, rest = line.partition(b"{") if b"{" in line else line.partition(b" ")
+        key = _LOAD_SERIES.get(name.strip())
+        if key is None:
+            continue
+        value = rest.rsplit(b" ", 1)[-1] if b"{" in line else rest
+        try:
+            sums[key] += float(value)
+        except ValueError:
+            continue
+        seen = True
+    return EngineLoad(sums["waiting"], sums["running"]) if seen else None
 
 
 def retry_reason(exc: BaseException) -> str | None:

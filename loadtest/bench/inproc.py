@@ -79,6 +79,9 @@ class MemoryEngine:
     async def health(self) -> bool:
         return True
 
+    async def load(self) -> None:  # no scheduler queue to report
+        return None
+
     async def served_models(self) -> set[str]:
         return {"base", *self.loaded}
 

@@ -39,7 +39,7 @@ class ShadowMirror:
     ) -> None:
         """Start the copy in the background, or count it as dropped when at capacity."""
         m = state.metrics
-        if self.in_flight >= self.max_concurrency or not state.engine_status.up:
+        if self.in_flight >= self.max_concurrency or not state.engines.usable_count:
             m.child(m.exp_shadow, experiment, variant, "dropped").inc()
             return
         copy = {k: v for k, v in body.items() if k not in ("stream", "stream_options")}
@@ -60,12 +60,9 @@ class ShadowMirror:
         status, tokens = 599, None
         lease = None
         try:
-            if version is None:
-                body["model"] = state.settings.engine.served_model_name
-            else:
-                lease = await state.residency.acquire(version)
-                body["model"] = lease.served_name
-            resp = await state.engine.post(path, orjson.dumps(body))
+            lease = await state.engines.acquire(version)
+            body["model"] = lease.served_name
+            resp = await lease.engine.post(path, orjson.dumps(body))
             status = resp.status
             if status == 200:
                 usage = orjson.loads(resp.body).get("usage") or {}

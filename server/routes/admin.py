@@ -75,7 +75,8 @@ class VersionView(BaseModel):
     pinned: bool
     aliases: list[str]
     metadata: dict[str, Any]
-    registered_on_engine: bool
+    registered_on_engine: bool  # on at least one engine
+    registered_on: list[str]  # the engines (URLs) it is registered on
     in_flight: int
 
 
@@ -111,8 +112,9 @@ def _view(request: Request, v: AdapterVersion) -> VersionView:
         pinned=v.pinned,
         aliases=state.registry.snapshot.aliases_pointing_at(v.name, v.version),
         metadata=v.metadata,
-        registered_on_engine=state.residency.is_registered(v.served_name),
-        in_flight=state.residency.in_flight(v.served_name),
+        registered_on_engine=state.engines.is_registered(v.served_name),
+        registered_on=[m.url for m in state.engines if m.residency.is_registered(v.served_name)],
+        in_flight=state.engines.in_flight(v.served_name),
     )
 
 
@@ -276,20 +278,22 @@ async def delete_version(name: str, version: Version, request: Request) -> Versi
 
 @router.get("/residency")
 async def residency(request: Request) -> dict[str, Any]:
-    """What the gateway has registered on the engine, least recently used first."""
-    res = get_state(request).residency
+    """What the gateway has registered on each engine, least recently used first
+    (`budget`: registrations per engine; `registered`: distinct versions on any engine)."""
+    pool = get_state(request).engines
     return {
-        "budget": res.budget,
-        "registered": len(res.registered_names()),
+        "budget": pool.budget,
+        "registered": len(pool.registered_names()),
         "slots": [
             {
+                "engine": member.url,
                 "adapter": s.version.label,
                 "served_name": s.version.served_name,
                 "registered": s.registered,
                 "in_flight": s.refs,
                 "pinned": s.pinned,
             }
-            for s in res.slots()
+            for member, s in pool.slots()
         ],
     }
 
@@ -305,4 +309,19 @@ async def engine_status(request: Request) -> dict[str, Any]:
         "ready": state.ready,
         "pid": local.pid if local else None,
         "starts": local.starts if local else None,
+        "engines": [
+            {
+                "url": m.url,
+                "up": m.up,
+                "ready": m.up and m.reconciled,
+                "suspect": m.suspect,
+                "in_flight": m.in_flight,
+                "queue_waiting": m.waiting,
+                "queue_running": m.running,
+                "registered": m.residency.registered_names(),
+                "restarts_seen": m.restarts_seen,
+                "picks": dict(m.picks),
+            }
+            for m in state.engines
+        ],
     }

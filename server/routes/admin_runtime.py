@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -32,16 +33,20 @@ async def runtime(request: Request) -> dict[str, Any]:
     """Tasks on the event loop (this request's own included), open fds, RSS, engine
     connections (idle in the pool / in use), engine retries by reason, leases in flight."""
     state = get_state(request)
-    pool_stats = getattr(state.engine, "pool_stats", None)
-    retried = getattr(state.engine, "retried", None)
+    clients = [m.client for m in state.engines]
+    # The engines' clients share one connection pool: its figures once; retries summed.
+    pool_stats = getattr(clients[0], "pool_stats", None) if clients else None
+    retried: Counter[str] = Counter()
+    for client in clients:
+        retried.update(getattr(client, "retried", None) or {})
     return {
         "pid": os.getpid(),
         "tasks": len(asyncio.all_tasks()),
         "open_fds": _count_fds(),
         "rss_bytes": _rss_bytes(),
         "engine_connections": pool_stats() if callable(pool_stats) else None,
-        "engine_retries": dict(retried) if retried is not None else {},
-        "leases_in_flight": sum(s.refs for s in state.residency.slots()),
+        "engine_retries": dict(retried),
+        "leases_in_flight": sum(s.refs for _, s in state.engines.slots()),
     }
 
 

@@ -22,21 +22,23 @@ async def healthz() -> dict[str, str]:
 
 @router.get("/readyz", responses=error_responses(503))
 async def readyz(request: Request) -> Response:
-    """Ready when the engine answers now and the desired adapters are registered on it.
+    """Ready when an engine answers now and the desired adapters are registered on it.
 
-    The engine is probed live (one cheap GET) rather than trusting the watcher's last poll, so
-    an engine that died a moment ago takes this replica out of rotation at once.
+    The engines the watcher holds ready are probed live (one cheap GET each, until one
+    answers) rather than trusting the watcher's last poll, so an engine that died a moment ago
+    takes this replica out of rotation at once when it was the only one.
     """
     state = get_state(request)
-    engine_alive = await state.engine.health()
-    if not (state.ready and engine_alive):
-        if state.engine_status.up and not engine_alive:
+    for member in state.engines:
+        if member.up and member.reconciled:
+            if await member.client.health():
+                return JSONResponse({"status": "ready"})
             state.reconcile_wanted.set()  # wake the watcher: it notices the loss right away
-        what = "engine not reachable" if not engine_alive else "adapters not registered yet"
-        raise EngineUnavailable(
-            f"Not ready: {what}.", retry_after_s=state.settings.engine.retry_after_s
-        )
-    return JSONResponse({"status": "ready"})
+    up = state.engine_status.up and not state.ready
+    what = "adapters not registered yet" if up else "engine not reachable"
+    raise EngineUnavailable(
+        f"Not ready: {what}.", retry_after_s=state.settings.engine.retry_after_s
+    )
 
 
 @router.get("/metrics", response_class=PlainTextResponse)

@@ -7,6 +7,7 @@ not in the set is reported as "other" / "unknown" by the caller.
 
 from __future__ import annotations
 
+import contextlib
 from typing import Any, TypeVar
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
@@ -134,7 +135,39 @@ class GatewayMetrics:
         )
         self.engine_up = Gauge(
             "loraplex_engine_up",
-            "1 while the engine answers its health check.",
+            "1 while at least one engine answers its health check.",
+            registry=r,
+        )
+        # Several engines (adapters/placement.py). `engine` is an engine URL: bounded by the
+        # engines configured or discovered; a departed engine's series are removed.
+        self.engines_up = Gauge(
+            "loraplex_engines_up",
+            "Engines answering their health check.",
+            registry=r,
+        )
+        self.engine_picks = Counter(
+            "loraplex_engine_picks",
+            "Engine choices: hit (an engine had the adapter registered), load (none had: "
+            "registered on the least-loaded), spill (registered on a cooler engine too), base.",
+            ["affinity"],
+            registry=r,
+        )
+        self.engine_failovers = Counter(
+            "loraplex_engine_failovers",
+            "Requests sent again to another engine after their engine could not serve them "
+            "(nothing had reached the client).",
+            registry=r,
+        )
+        self.engine_in_flight = Gauge(
+            "loraplex_engine_in_flight",
+            "This gateway's requests in flight, by engine.",
+            ["engine"],
+            registry=r,
+        )
+        self.engine_queue_waiting = Gauge(
+            "loraplex_engine_queue_waiting",
+            "Requests waiting in the engine's scheduler (all gateways'), by engine.",
+            ["engine"],
             registry=r,
         )
         # Domain router (model="auto"): domains come from the routes file, reasons from
@@ -246,6 +279,15 @@ class GatewayMetrics:
         if found is None:
             found = self._children[key] = metric.labels(*values)
         return found
+
+    def observe_pick(self, affinity: str) -> None:
+        self.child(self.engine_picks, affinity).inc()
+
+    def forget_engine(self, url: str) -> None:
+        """A departed engine's series go (discovery churns addresses in Kubernetes)."""
+        for gauge in (self.engine_in_flight, self.engine_queue_waiting):
+            with contextlib.suppress(KeyError):
+                gauge.remove(url)
 
     def observe_adapter_op(self, adapter: str, result: str, seconds: float) -> None:
         self.child(self.adapter_ops, adapter, result).inc()

@@ -17,7 +17,7 @@ from typing import Any
 import orjson
 
 from server.errors import AdapterLoadFailed, EngineUnavailable, LoraplexError
-from server.upstream import UpstreamResponse, UpstreamStream
+from server.upstream import EngineLoad, UpstreamResponse, UpstreamStream
 
 USAGE = {"prompt_tokens": 7, "completion_tokens": 3, "total_tokens": 10}
 SECRET_SERVED_NAME = "zz-other-tenant-private-adapter"
@@ -178,6 +178,7 @@ class FakeEngine:
         self.unload_gate: asyncio.Event | None = None
         self.served_models_error: BaseException | None = None
         self.health_calls = 0
+        self.queue: EngineLoad | None = None  # what load() reports (None: no /metrics)
 
     # -- generation -------------------------------------------------------------------------
 
@@ -228,6 +229,9 @@ class FakeEngine:
     async def health(self) -> bool:
         self.health_calls += 1
         return self.healthy
+
+    async def load(self) -> EngineLoad | None:
+        return self.queue
 
     async def served_models(self) -> set[str]:
         if self.served_models_error is not None:

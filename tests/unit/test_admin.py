@@ -167,6 +167,7 @@ async def test_residency_view(gw: Gateway) -> None:
     slots = body["slots"]
     assert sorted(s["adapter"] for s in slots) == ["finance@1", "legal@1", "medical@1"]
     assert slots[-1] == {
+        "engine": "http://127.0.0.1:8100",
         "adapter": "medical@1",
         "served_name": served(gw, "medical"),
         "registered": True,
@@ -293,6 +294,20 @@ async def test_engine_status(gw: Gateway) -> None:
         "ready": True,
         "pid": None,
         "starts": None,
+        "engines": [
+            {
+                "url": "http://127.0.0.1:8100",
+                "up": True,
+                "ready": True,
+                "suspect": False,
+                "in_flight": 0,
+                "queue_waiting": 0.0,
+                "queue_running": 0.0,
+                "registered": resp.json()["engines"][0]["registered"],
+                "restarts_seen": 0,
+                "picks": {},
+            }
+        ],
     }
     gw.engine.healthy = False
     await gw.wait_ready(503)

@@ -608,7 +608,7 @@ async def test_shadow_copy_goes_to_the_candidate_and_is_thrown_away(gw2: Gateway
     assert gw2.gauge("loraplex_experiment_requests_total", outcome="ok", **labels) == 1
     assert gw2.gauge("loraplex_experiment_completion_tokens_sum", **labels) == 3
     assert gw2.state.shadow.in_flight == 0
-    assert gw2.state.residency.in_flight(served(gw2, "medical@2")) == 0
+    assert gw2.state.engines.in_flight(served(gw2, "medical@2")) == 0
 
 
 async def test_shadow_at_capacity_is_dropped(gw2: Gateway) -> None:

@@ -22,7 +22,7 @@ async def test_the_request_is_accounted_after_its_answer_went_out(gw: Gateway) -
     async def send(message: Message) -> None:
         client.sent.append(message)
         if message["type"] == "http.response.body":  # the answer is out; still in flight
-            seen_at_send.append(gw.state.residency.in_flight(served(gw, "legal")))
+            seen_at_send.append(gw.state.engines.in_flight(served(gw, "legal")))
 
     client._send = send  # type: ignore[method-assign]
     async with asyncio.timeout(3):
@@ -30,7 +30,7 @@ async def test_the_request_is_accounted_after_its_answer_went_out(gw: Gateway) -
     assert client.status == 200
     assert seen_at_send == [1]
     after = await gw.metrics()
-    assert gw.state.residency.in_flight(served(gw, "legal")) == 0
+    assert gw.state.engines.in_flight(served(gw, "legal")) == 0
     assert metric(after, "loraplex_requests_total", tenant="acme", status="200") == before + 1
     assert metric(after, "loraplex_in_flight_requests", tenant="acme") == 0
 
@@ -47,5 +47,5 @@ async def test_a_failed_send_still_accounts_the_request(gw: Gateway) -> None:
     with pytest.raises(OSError, match="client gone"):
         async with asyncio.timeout(3):
             await client.run()
-    assert gw.state.residency.in_flight(served(gw, "legal")) == 0
+    assert gw.state.engines.in_flight(served(gw, "legal")) == 0
     assert metric(await gw.metrics(), "loraplex_in_flight_requests", tenant="acme") == 0

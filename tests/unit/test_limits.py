@@ -258,7 +258,7 @@ async def test_request_timeout_is_504_and_cancels_the_engine_call(make_gw: Gatew
         assert_error(resp, 504, "request_timeout", type_="server_error")
         assert 0.2 <= time.monotonic() - t0 < 2
         assert gw.state.quotas.in_flight("gamma") == 0
-        assert gw.state.residency.in_flight(served(gw, "medical")) == 0
+        assert gw.state.engines.in_flight(served(gw, "medical")) == 0
         text = await gw.metrics()
         labels = {"tenant": "gamma", "code": "request_timeout"}
         assert metric(text, "loraplex_errors_total", **labels) == 1
@@ -269,7 +269,7 @@ async def test_request_timeout_covers_waiting_for_an_adapter_load(
 ) -> None:
     async with make_gw(request_timeout_s=0.2) as gw:
         gw.engine.restart()  # the engine forgot every adapter: medical must be loaded again
-        gw.state.residency.mark_engine_lost()
+        gw.state.engines.mark_engine_lost()
         gw.engine.load_gate = asyncio.Event()
         resp = await gw.chat(model="medical")
         assert_error(resp, 504, "request_timeout")

@@ -16,7 +16,7 @@ import pytest
 from adapters.registry import Actor, Registry
 from adapters.types import VersionState
 from adapters.validate import BaseModelInfo
-from server.app import follow_registry
+from server.engine_watch import follow_registry
 from tests.adapter_factory import BAD_ADAPTERS, Caps
 from tests.synthetic import make_adapter
 from tests.unit.conftest import Bootstrapped, Config
@@ -95,7 +95,7 @@ async def test_alias_move_new_requests_switch_resolved_ones_finish_on_old(
     gw.engine.forwarded.clear()
     slow = asyncio.create_task(gw.chat(model="medical"))
     await wait_until(lambda: len(gw.engine.forwarded) == 1, what="first request at the engine")
-    assert gw.state.residency.in_flight(v1) == 1
+    assert gw.state.engines.in_flight(v1) == 1
     resp = await gw.client.put(
         "/admin/v1/adapters/medical/aliases/stable", json={"version": 2}, headers=ADMIN
     )
@@ -111,7 +111,7 @@ async def test_alias_move_new_requests_switch_resolved_ones_finish_on_old(
     assert first.status_code == 200
     assert first.headers["x-loraplex-adapter"] == "medical@1"
     assert gw.engine.forwarded[0].body["model"] == v1
-    assert gw.state.residency.in_flight(v1) == 0
+    assert gw.state.engines.in_flight(v1) == 0
 
 
 async def test_versions_and_aliases_as_model_names_and_header(gw: Gateway, config: Config) -> None:
@@ -143,7 +143,7 @@ async def test_failed_smoke_generation_rejects_the_version(gw: Gateway, config: 
     assert v2.state == "rejected"
     assert "smoke generation failed" in (v2.state_reason or "")
     assert gw.state.registry.snapshot.aliases_of("medical") == {"stable": 1}
-    assert not gw.state.residency.is_registered(v2.served_name)
+    assert not gw.state.engines.is_registered(v2.served_name)
     assert gw.engine.unload_calls == [v2.served_name]
     assert_error(await gw.chat(model="medical@2"), 404, "model_not_found")
     assert (await gw.chat(model="medical")).headers["x-loraplex-adapter"] == "medical@1"
@@ -210,7 +210,7 @@ async def test_retire_and_delete_refused_while_an_alias_points_at_the_version(
 
 
 async def test_pin_registers_and_survives_eviction(gw: Gateway, config: Config) -> None:
-    res = gw.state.residency
+    res = gw.state.engines
     res.budget = 2
     legal = served(gw, "legal")
     resp = await gw.client.post("/admin/v1/adapters/legal/versions/1/pin", headers=ADMIN)
@@ -245,7 +245,7 @@ async def test_version_gauges_follow_the_registry(gw: Gateway, config: Config) -
     await register(gw, "extra", str(config.adapter_dirs["extra"]))
     await gw.wait_gauge("loraplex_adapter_versions", 4, state="ready")
     await gw.wait_gauge("loraplex_adapter_versions", 2, state="rejected")
-    assert sorted(gw.state.residency.registered_names()) == sorted(
+    assert sorted(gw.state.engines.registered_names()) == sorted(
         served(gw, f"{n}@1") for n in ("extra", "finance", "legal", "medical")
     )
     await gw.wait_gauge("loraplex_adapters_resident", 4)
@@ -513,7 +513,7 @@ async def test_another_replicas_retirement_is_followed(gw: Gateway) -> None:
     finally:
         await other.close()
     await wait_until(lambda: medical in gw.engine.unload_calls, what="retired version unloaded")
-    assert not gw.state.residency.is_registered(medical)
+    assert not gw.state.engines.is_registered(medical)
     assert_error(await gw.chat(model="medical@1"), 404, "model_not_found")
     assert (await gw.chat(model="legal")).status_code == 200
 
@@ -532,7 +532,7 @@ async def test_registry_refresh_leaves_a_registration_in_progress_alone(
     await wait_until(lambda: len(gw.engine.forwarded) == 1, what="the smoke generation")
     v2 = gw.state.registry.snapshot.versions[("medical", 2)]
     assert v2.state == "validated"
-    assert gw.state.residency.is_registered(v2.served_name)
+    assert gw.state.engines.is_registered(v2.served_name)
     gw.state.registry.snapshot = dataclasses.replace(gw.state.registry.snapshot, generation=-9)
     await follow_registry(gw.state)  # as if another replica had changed something
     await asyncio.sleep(0)

@@ -57,7 +57,7 @@ async def test_client_disconnect_closes_upstream_and_counts_499(gw: Gateway) -> 
     [stream] = gw.engine.streams
     assert stream.closed
     assert stream.events_yielded == 1
-    assert gw.state.residency.in_flight(served(gw, "legal")) == 0  # lease released
+    assert gw.state.engines.in_flight(served(gw, "legal")) == 0  # lease released
     after = await gw.metrics()
 
     def delta(name: str, **labels: str) -> float:
@@ -77,13 +77,13 @@ async def test_cancelled_non_stream_request_is_accounted(gw: Gateway) -> None:
     task = client.run()
     await wait_until(lambda: len(gw.engine.forwarded) == 1, what="request forwarded")
     assert metric(await gw.metrics(), "loraplex_in_flight_requests", tenant="acme") == 1
-    assert gw.state.residency.in_flight(served(gw, "legal")) == 1  # the default: legal
+    assert gw.state.engines.in_flight(served(gw, "legal")) == 1  # the default: legal
     task.cancel()
     async with asyncio.timeout(3):
         await asyncio.gather(task, return_exceptions=True)
     after = await gw.metrics()
     assert metric(after, "loraplex_in_flight_requests", tenant="acme") == 0
-    assert gw.state.residency.in_flight(served(gw, "legal")) == 0
+    assert gw.state.engines.in_flight(served(gw, "legal")) == 0
     name = "loraplex_errors_total"
     code = {"tenant": "acme", "code": "client_disconnected"}
     assert metric(after, name, **code) - metric(before, name, **code) == 1

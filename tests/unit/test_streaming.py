@@ -55,7 +55,7 @@ async def test_events_forwarded_in_order_unchanged_usage_hidden(gw: Gateway) -> 
     assert fwd.body["stream_options"] == {"include_usage": True}
     assert fwd.body["model"] == served(gw, "legal")
     assert gw.engine.streams[0].closed
-    assert gw.state.residency.in_flight(served(gw, "legal")) == 0  # the lease was released
+    assert gw.state.engines.in_flight(served(gw, "legal")) == 0  # the lease was released
 
 
 async def test_usage_chunk_kept_when_client_asked(gw: Gateway) -> None:
@@ -126,7 +126,7 @@ async def test_mid_stream_engine_failure_ends_with_error_then_done(gw: Gateway) 
     assert_error_payload(orjson.loads(data[2]), "engine_unavailable")
     assert data[3] == "[DONE]"
     assert gw.engine.streams[0].closed
-    assert gw.state.residency.in_flight(served(gw, "legal")) == 0
+    assert gw.state.engines.in_flight(served(gw, "legal")) == 0
     after = await gw.metrics()
     code = "engine_unavailable"
     assert (

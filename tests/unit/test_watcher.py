@@ -79,9 +79,10 @@ async def test_engine_loss_and_return_reconciles_desired_adapters(gw: Gateway) -
     engine.healthy = False
     engine.restart()
     await gw.wait_ready(503)  # at once: /readyz probes the engine live
-    status = gw.state.engine_status
-    await wait_until(lambda: status.restarts_seen == 1, what="watcher to see the loss")
-    assert gw.state.residency.registered_names() == []
+    await wait_until(
+        lambda: gw.state.engine_status.restarts_seen == 1, what="watcher to see the loss"
+    )
+    assert gw.state.engines.registered_names() == []
     await gw.wait_gauge("loraplex_adapters_resident", 0)
     metrics = await gw.metrics()
     assert metric(metrics, "loraplex_engine_up") == 0
@@ -117,8 +118,9 @@ async def test_retired_adapter_is_not_reloaded_after_engine_restart(gw: Gateway)
     gw.engine.healthy = False
     gw.engine.restart()
     await gw.wait_ready(503)
-    status = gw.state.engine_status
-    await wait_until(lambda: status.restarts_seen == 1, what="watcher to see the loss")
+    await wait_until(
+        lambda: gw.state.engine_status.restarts_seen == 1, what="watcher to see the loss"
+    )
     loads_before = len(gw.engine.load_calls)
     gw.engine.healthy = True
     await gw.wait_ready(200)
@@ -145,7 +147,7 @@ async def test_restart_adopts_what_the_engine_still_serves(
             ("medical", 1),
         ]
         assert [n for n, _ in engine.load_calls] == [snap.versions[("broken", 2)].served_name]
-        assert sorted(gw.state.residency.registered_names()) == sorted(bootstrapped.served)
+        assert sorted(gw.state.engines.registered_names()) == sorted(bootstrapped.served)
         resp = await gw.client.get("/v1/models", headers=auth(ACME_KEY))
         assert [m["id"] for m in resp.json()["data"]] == ["base", "legal", "medical"]
         assert (await gw.chat(model="legal")).status_code == 200
