@@ -244,6 +244,14 @@ class Residency:
             done.append(version.served_name)
         return done
 
+    def mark_lost(self, served_name: str) -> None:
+        """The engine no longer has this version (it answered 404): the next lease registers
+        it again; in-flight leases keep their slot."""
+        slot = self._slots.get(served_name)
+        if slot is not None and slot.loading is None:
+            slot.registered = False
+            self._changed.set()
+
     def mark_engine_lost(self) -> None:
         """The engine went away: nothing is registered on it any more (recency is kept)."""
         for slot in self._slots.values():

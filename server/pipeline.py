@@ -210,6 +210,23 @@ async def failover(
     return record.lease
 
 
+async def relocate(state: GatewayState, record: RequestRecord, version: AdapterVersion) -> None:
+    """The engine answered 404 for a version this gateway had registered there: something
+    took it off behind our back (another gateway replica evicting it, an engine restart
+    between two probes). Forget that registration and take a lease again, which registers it
+    (on the best engine now) before the one retry."""
+    lease = record.lease
+    assert lease is not None
+    lease.member.residency.mark_lost(lease.served_name)
+    lease.release()
+    record.lease = None
+    record.lease = await state.engines.acquire(version)
+    log.warning(
+        "adapter registered again after the engine answered 404",
+        extra={"request_id": record.request_id, "engine": lease.member.url},
+    )
+
+
 def upstream_failure(
     state: GatewayState, lease: EngineLease | None, adapter: str, status: int, body: bytes
 ) -> LoraplexError:
@@ -343,18 +360,29 @@ async def _post(
     path: str,
     payload: bytes,
 ) -> UpstreamResponse:
-    """A non-streaming generation; moved to another engine once if its engine was lost (a
-    lost connection included: the client has received nothing yet) or answered 503."""
-    assert record.lease is not None
-    try:
-        resp = await record.lease.engine.post(path, payload)
-    except EngineUnavailable as exc:
-        lease = await failover(state, record, version, exc)
-    else:
-        if resp.status != 503 or len(state.engines) < 2:
+    """A non-streaming generation. Moved once to another engine when its engine was lost (a
+    connection lost mid-answer included: the client has received nothing yet) or answered
+    503; registered again and retried once when the engine no longer knew the adapter."""
+    moved = relocated = False
+    while True:
+        lease = record.lease
+        assert lease is not None
+        try:
+            resp = await lease.engine.post(path, payload)
+        except EngineUnavailable as exc:
+            if moved:
+                raise
+            moved = True
+            await failover(state, record, version, exc)
+            continue
+        if resp.status == 503 and not moved and len(state.engines) > 1:
+            moved = True
+            await failover(state, record, version, _overloaded(state))
+        elif resp.status == 404 and version is not None and not relocated:
+            relocated = True
+            await relocate(state, record, version)
+        else:
             return resp
-        lease = await failover(state, record, version, _overloaded(state))
-    return await lease.engine.post(path, payload)
 
 
 async def _open_stream(
@@ -365,31 +393,42 @@ async def _open_stream(
     payload: bytes,
     label: str,
 ) -> UpstreamStream:
-    """Open the engine stream. With several engines the first event is awaited before the
-    response starts, so an engine lost before it moves the request (once) instead of
-    failing it; a stream is committed to its engine from its first event on."""
+    """Open the engine stream, with `_post`'s retries. With several engines the first event is
+    awaited before the response starts, so an engine lost before it moves the request instead
+    of failing it; a stream is committed to its engine from its first event on."""
     several = len(state.engines) > 1
-    for last in (False, True):
+    moved = relocated = False
+    while True:
         lease = record.lease
         assert lease is not None
         try:
             stream = await lease.engine.open_stream(path, payload)
             if stream.status == 200:
-                return await prefetch_first_event(stream) if several else stream
+                if not several:
+                    return stream
+                try:
+                    return await prefetch_first_event(stream)
+                except BaseException:
+                    await stream.aclose()
+                    raise
         except EngineUnavailable as exc:
-            if last:
+            if moved:
                 raise
+            moved = True
             await failover(state, record, version, exc)
             continue
         try:
             err_body = await stream.read_body()
         finally:
             await stream.aclose()
-        if stream.status == 503 and several and not last:
+        if stream.status == 503 and several and not moved:
+            moved = True
             await failover(state, record, version, _overloaded(state))
-            continue
-        raise upstream_failure(state, lease, label, stream.status, err_body)
-    raise AssertionError("unreachable: the last attempt returns or raises")
+        elif stream.status == 404 and version is not None and not relocated:
+            relocated = True
+            await relocate(state, record, version)
+        else:
+            raise upstream_failure(state, lease, label, stream.status, err_body)
 
 
 def _overloaded(state: GatewayState) -> EngineUnavailable:
