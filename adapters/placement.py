@@ -2,10 +2,12 @@
 
 One `Residency` per engine says what is registered there. A request for an adapter goes to the
 least-loaded usable engine that already has it registered ("hit"); when none has it, it is
-registered on the least-loaded engine, ties going to the engine with fewer registrations
-("load"). Affinity yields to load: when the coolest holder carries `spill_threshold` more
-requests than the coolest engine overall, the adapter is registered there too ("spill"), so a
-hot adapter ends up on several engines. Base-model requests go to the least-loaded engine.
+registered on the least-loaded engine that another gateway replica already registered it on
+(the engine's own model list, read each health round), else on the least-loaded engine, ties
+going to the engine with fewer registrations ("load"). Affinity yields to load: when the
+coolest holder carries `spill_threshold` more requests than the coolest engine overall, the
+adapter is registered there too ("spill"), so a hot adapter ends up on several engines.
+Base-model requests go to the least-loaded engine.
 
 Load of an engine = this gateway's requests in flight to it (exact, updated per request) + the
 engine's own waiting queue (vLLM's `num_requests_waiting`, scraped each health round, so other
@@ -49,6 +51,9 @@ class EngineMember:
     running: float = 0.0
     reconcile_wanted: bool = False
     picks: dict[str, int] = field(default_factory=dict)
+    # What the engine serves, whoever registered it (other gateway replicas too), as of the
+    # last health round: placement prefers an engine that already has an adapter warm.
+    served: frozenset[str] = frozenset()
 
     @property
     def usable(self) -> bool:
@@ -208,7 +213,13 @@ class EnginePool:
     def _place(self, members: list[EngineMember], name: str) -> tuple[EngineMember, str]:
         holders = [m for m in members if m.residency.is_routable(name)]
         if not holders:
-            return _coolest(members, spread=True), "load"
+            coolest = _coolest(members, spread=True)
+            warm = [m for m in members if name in m.served]  # registered by another replica
+            if warm:
+                best = _coolest(warm)
+                if best.load - coolest.load < self.spill_threshold:
+                    return best, "load"
+            return coolest, "load"
         best = _coolest(holders)
         if len(holders) < len(members):
             coolest = _coolest(members, spread=True)

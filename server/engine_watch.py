@@ -47,9 +47,13 @@ async def watch_engines(state: GatewayState, bootstrap: dict[str, str]) -> None:
             state.engines.refresh()
             await register_bootstrap(state, bootstrap)
             bootstrap = {}
-        await asyncio.gather(
-            *(watch_one(state, m, up, wanted) for m, up in zip(members, ups, strict=True))
+        rounds = await asyncio.gather(
+            *(watch_one(state, m, up, wanted) for m, up in zip(members, ups, strict=True)),
+            return_exceptions=True,
         )
+        for member, outcome in zip(members, rounds, strict=True):
+            if isinstance(outcome, Exception):  # a bug must not stop the watcher for good
+                log.error("engine round failed", exc_info=outcome, extra={"engine": member.url})
         state.engines.refresh()
         if time.monotonic() >= next_poll:
             next_poll = time.monotonic() + settings.registry.poll_interval_s
@@ -70,8 +74,15 @@ async def watch_one(state: GatewayState, member: EngineMember, up: bool, wanted:
         load = await member.client.load()
         if load is not None:
             member.waiting, member.running = load.waiting, load.running
-    if up and member.up and member.reconciled and not wanted:
-        wanted = await engine_lost_adapters(member)
+        try:
+            member.served = frozenset(await member.client.served_models())
+        except Exception as exc:  # the next probe (or reconcile) tells what is wrong
+            log.debug(
+                "engine model list unavailable", extra={"engine": member.url, "error": str(exc)}
+            )
+        else:
+            if member.up and member.reconciled and not wanted:
+                wanted = engine_lost_adapters(member)
     if up and (not member.up or not member.reconciled or wanted):
         member.up = True
         try:
@@ -95,17 +106,10 @@ async def watch_one(state: GatewayState, member: EngineMember, up: bool, wanted:
         member.suspect = False
 
 
-async def engine_lost_adapters(member: EngineMember) -> bool:
-    """An engine restarted between two health probes never looked down (tests/faults): ask
-    it what it serves and reconcile when something registered on it is missing."""
-    registered = member.residency.registered_names()
-    if not registered:
-        return False
-    try:
-        served = await member.client.served_models()
-    except LoraplexError:
-        return False  # the next health probe tells whether it is down
-    missing = set(registered) - served
+def engine_lost_adapters(member: EngineMember) -> bool:
+    """An engine restarted between two health probes never looked down (tests/faults): what
+    it serves lacks something registered on it, so reconcile it."""
+    missing = set(member.residency.registered_names()) - member.served
     if missing:
         log.warning(
             "engine lost registered adapters (restarted?)",
