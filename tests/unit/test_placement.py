@@ -138,6 +138,28 @@ async def test_new_adapters_spread_over_idle_engines() -> None:
     assert sorted(p.pool.registered_names()) == sorted(ver(n).served_name for n in names)
 
 
+async def test_unplaced_version_prefers_an_engine_another_replica_registered_it_on() -> None:
+    """Not registered by this gateway anywhere, but an engine already serves it (another
+    gateway replica registered it there): placed there, though it has more registrations."""
+    p = Pool(A, B, spill_threshold=4)
+    legal = ver("legal")
+    await p[B].residency.ensure(ver("x"))
+    p[B].served = frozenset({legal.served_name})
+    p[B].waiting = 3.0  # 3 more than A: below the threshold
+    assert await p.use(legal) is p[B]
+    assert p.observed == ["load"]
+    assert p[B].residency.is_registered(legal.served_name)
+
+
+async def test_warm_engine_loses_to_load_past_the_threshold() -> None:
+    p = Pool(A, B, spill_threshold=4)
+    legal = ver("legal")
+    p[B].served = frozenset({legal.served_name})
+    p[B].waiting = 4.0
+    assert await p.use(legal) is p[A]
+    assert p.observed == ["load"]
+
+
 # -- spill ------------------------------------------------------------------------------------
 
 
