@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import random
+import time
 from collections.abc import Callable, Collection, Iterable, Iterator
 from dataclasses import dataclass, field
 
@@ -45,6 +46,7 @@ class EngineMember:
     up: bool = False
     reconciled: bool = False
     suspect: bool = False
+    suspect_since: float = 0.0  # monotonic; only a probe begun later clears `suspect`
     restarts_seen: int = 0
     in_flight: int = 0
     waiting: float = 0.0
@@ -152,6 +154,7 @@ class EnginePool:
     def set_suspect(self, member: EngineMember) -> None:
         """A request could not reach `member`: skip it until its next good health probe."""
         member.suspect = True
+        member.suspect_since = time.monotonic()
         self.refresh()
 
     @property

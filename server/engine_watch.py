@@ -38,8 +38,12 @@ async def watch_engines(state: GatewayState, bootstrap: dict[str, str]) -> None:
         state.reconcile_wanted.clear()
         if settings.engine.discovery_dns and time.monotonic() >= next_discovery:
             next_discovery = time.monotonic() + settings.engine.discovery_interval_s
-            await discover(state)
+            try:
+                await discover(state)
+            except Exception:  # a bug must not stop the watcher for good
+                log.exception("engine discovery crashed")
         members = state.engines.members
+        probed_at = time.monotonic()
         ups = await asyncio.gather(*(m.client.health() for m in members))
         if bootstrap and any(ups):
             for member, up in zip(members, ups, strict=True):
@@ -48,7 +52,10 @@ async def watch_engines(state: GatewayState, bootstrap: dict[str, str]) -> None:
             await register_bootstrap(state, bootstrap)
             bootstrap = {}
         rounds = await asyncio.gather(
-            *(watch_one(state, m, up, wanted) for m, up in zip(members, ups, strict=True)),
+            *(
+                watch_one(state, m, up, wanted, probed_at)
+                for m, up in zip(members, ups, strict=True)
+            ),
             return_exceptions=True,
         )
         for member, outcome in zip(members, rounds, strict=True):
@@ -66,8 +73,11 @@ async def watch_engines(state: GatewayState, bootstrap: dict[str, str]) -> None:
                 await state.reconcile_wanted.wait()
 
 
-async def watch_one(state: GatewayState, member: EngineMember, up: bool, wanted: bool) -> None:
-    """One engine's round: note its load, reconcile it when it (re)appeared or lost adapters."""
+async def watch_one(
+    state: GatewayState, member: EngineMember, up: bool, wanted: bool, probed_at: float
+) -> None:
+    """One engine's round: note its load, reconcile it when it (re)appeared or lost adapters.
+    A probe begun before a request failed on the engine does not clear that suspicion."""
     wanted = wanted or member.reconcile_wanted
     member.reconcile_wanted = False
     if up:
@@ -102,7 +112,7 @@ async def watch_one(state: GatewayState, member: EngineMember, up: bool, wanted:
         member.residency.mark_engine_lost()
         member.reconciled = False
     member.up = up
-    if up:
+    if up and member.suspect_since < probed_at:
         member.suspect = False
 
 
@@ -176,11 +186,11 @@ async def discover(state: GatewayState) -> None:
         urls = await resolve_engine_urls(engine, engine.discovery_dns)
     except OSError as exc:  # keep the engines we have: DNS may be back next round
         log.warning(
-            "engine discovery failed", extra={"name": engine.discovery_dns, "error": str(exc)}
+            "engine discovery failed", extra={"dns_name": engine.discovery_dns, "error": str(exc)}
         )
         return
     if not urls:
-        log.warning("engine discovery found no engine", extra={"name": engine.discovery_dns})
+        log.warning("engine discovery found no engine", extra={"dns_name": engine.discovery_dns})
         return
     current = {m.url for m in state.engines}
     for url in sorted(urls - current):

@@ -378,13 +378,17 @@ def parse_engine_load(text: str) -> EngineLoad | None:
     for line in text.encode().splitlines():
         if not line.startswith(b"vllm:num_requests_"):
             continue
-        name, _, rest = line.partition(b"{") if b"{" in line else line.partition(b" ")
+        # `name{labels} value [timestamp]` or `name value [timestamp]`
+        if b"{" in line:
+            name, _, rest = line.partition(b"{")
+            fields = rest.rpartition(b"}")[2].split()
+        else:
+            name, *fields = line.split()
         key = _LOAD_SERIES.get(name.strip())
-        if key is None:
+        if key is None or not fields:
             continue
-        value = rest.rsplit(b" ", 1)[-1] if b"{" in line else rest
         try:
-            sums[key] += float(value)
+            sums[key] += float(fields[0])
         except ValueError:
             continue
         seen = True

@@ -663,12 +663,6 @@ async def test_discovery_adds_and_removes_engines(
         assert two.models(D3) == [served(gw, "medical")]  # fewer adapters than D1
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="server/engine_watch.py discover(): its two warnings pass extra={'name': ...}; "
-    "'name' is a LogRecord attribute, so logging raises KeyError and the engine watcher task "
-    "dies (no more probes, reconcile, discovery; the KeyError resurfaces at shutdown)",
-)
 @pytest.mark.parametrize(
     "failure",
     [OSError("temporary failure in name resolution"), set()],
