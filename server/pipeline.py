@@ -353,6 +353,40 @@ async def _generate(
     return SSEResponse(events, headers=headers, on_close=on_close)
 
 
+class _Retries:
+    """What a generation may still do after a failed try (nothing has reached the client):
+    move once to another engine, and register an adapter the engine forgot again once."""
+
+    __slots__ = ("moved", "record", "relocated", "several", "state", "version")
+
+    def __init__(
+        self, state: GatewayState, record: RequestRecord, version: AdapterVersion | None
+    ) -> None:
+        self.state, self.record, self.version = state, record, version
+        self.several = len(state.engines) > 1
+        self.moved = self.relocated = False
+
+    async def lost(self, exc: EngineUnavailable) -> None:
+        """The engine could not serve the request: take another one, or raise `exc`."""
+        if self.moved:
+            raise exc
+        self.moved = True
+        await failover(self.state, self.record, self.version, exc)
+
+    async def answered(self, status: int) -> bool:
+        """The engine answered an error status: whether the request was set up to try again
+        (503 with another engine to go to; 404 for an adapter it should have had)."""
+        if status == 503 and self.several and not self.moved:
+            self.moved = True
+            await failover(self.state, self.record, self.version, _overloaded(self.state))
+            return True
+        if status == 404 and self.version is not None and not self.relocated:
+            self.relocated = True
+            await relocate(self.state, self.record, self.version)
+            return True
+        return False
+
+
 async def _post(
     state: GatewayState,
     record: RequestRecord,
@@ -360,28 +394,18 @@ async def _post(
     path: str,
     payload: bytes,
 ) -> UpstreamResponse:
-    """A non-streaming generation. Moved once to another engine when its engine was lost (a
-    connection lost mid-answer included: the client has received nothing yet) or answered
-    503; registered again and retried once when the engine no longer knew the adapter."""
-    moved = relocated = False
+    """A non-streaming generation, retried by `_Retries` (a connection lost mid-answer counts
+    as a lost engine: the client has received nothing yet)."""
+    retries = _Retries(state, record, version)
     while True:
         lease = record.lease
         assert lease is not None
         try:
             resp = await lease.engine.post(path, payload)
         except EngineUnavailable as exc:
-            if moved:
-                raise
-            moved = True
-            await failover(state, record, version, exc)
+            await retries.lost(exc)
             continue
-        if resp.status == 503 and not moved and len(state.engines) > 1:
-            moved = True
-            await failover(state, record, version, _overloaded(state))
-        elif resp.status == 404 and version is not None and not relocated:
-            relocated = True
-            await relocate(state, record, version)
-        else:
+        if resp.status == 200 or not await retries.answered(resp.status):
             return resp
 
 
@@ -393,18 +417,17 @@ async def _open_stream(
     payload: bytes,
     label: str,
 ) -> UpstreamStream:
-    """Open the engine stream, with `_post`'s retries. With several engines the first event is
+    """Open the engine stream, retried by `_Retries`. With several engines the first event is
     awaited before the response starts, so an engine lost before it moves the request instead
     of failing it; a stream is committed to its engine from its first event on."""
-    several = len(state.engines) > 1
-    moved = relocated = False
+    retries = _Retries(state, record, version)
     while True:
         lease = record.lease
         assert lease is not None
         try:
             stream = await lease.engine.open_stream(path, payload)
             if stream.status == 200:
-                if not several:
+                if not retries.several:
                     return stream
                 try:
                     return await prefetch_first_event(stream)
@@ -412,22 +435,13 @@ async def _open_stream(
                     await stream.aclose()
                     raise
         except EngineUnavailable as exc:
-            if moved:
-                raise
-            moved = True
-            await failover(state, record, version, exc)
+            await retries.lost(exc)
             continue
         try:
             err_body = await stream.read_body()
         finally:
             await stream.aclose()
-        if stream.status == 503 and several and not moved:
-            moved = True
-            await failover(state, record, version, _overloaded(state))
-        elif stream.status == 404 and version is not None and not relocated:
-            relocated = True
-            await relocate(state, record, version)
-        else:
+        if not await retries.answered(stream.status):
             raise upstream_failure(state, lease, label, stream.status, err_body)
 
 

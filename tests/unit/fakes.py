@@ -16,6 +16,7 @@ from typing import Any
 
 import orjson
 
+from adapters.types import AdapterVersion, VersionState
 from server.errors import AdapterLoadFailed, EngineUnavailable, LoraplexError
 from server.upstream import EngineLoad, UpstreamResponse, UpstreamStream
 
@@ -270,3 +271,23 @@ class FakeEngine:
 
     def refuse(self, name: str, message: str = "engine refused the adapter: bad rank") -> None:
         self.load_failures[name] = AdapterLoadFailed(message)
+
+
+def ver(name: str, number: int = 1, *, pinned: bool = False) -> AdapterVersion:
+    """A ready adapter version with a digest derived from its name and number."""
+    digest = "sha256:" + f"{sum(name.encode()) * 7919 + number:x}".rjust(64, "0")
+    return AdapterVersion(
+        name=name,
+        version=number,
+        digest=digest,
+        base_digest=None,
+        rank=4,
+        alpha=8.0,
+        target_modules=("q_proj", "v_proj"),
+        size_bytes=100,
+        source_uri=f"/adapters/{name}",
+        path=f"/cache/{name}-{number}",
+        state=VersionState.READY,
+        created_at=0.0,
+        pinned=pinned,
+    )

@@ -8,31 +8,12 @@ import pytest
 
 from adapters.loader import Residency
 from adapters.placement import EngineLease, EngineMember, EnginePool
-from adapters.types import AdapterVersion, VersionState
+from adapters.types import AdapterVersion
 from server.errors import AdapterLoadFailed, EngineUnavailable
 from server.upstream import EngineClient, EngineLoad, parse_engine_load
-from tests.unit.fakes import FakeEngine
+from tests.unit.fakes import FakeEngine, ver
 
 A, B, C = "http://engine-a:8000", "http://engine-b:8000", "http://engine-c:8000"
-
-
-def ver(name: str, number: int = 1, *, pinned: bool = False) -> AdapterVersion:
-    digest = "sha256:" + f"{sum(name.encode()) * 7919 + number:x}".rjust(64, "0")
-    return AdapterVersion(
-        name=name,
-        version=number,
-        digest=digest,
-        base_digest=None,
-        rank=4,
-        alpha=8.0,
-        target_modules=("q_proj", "v_proj"),
-        size_bytes=100,
-        source_uri=f"/adapters/{name}",
-        path=f"/cache/{name}-{number}",
-        state=VersionState.READY,
-        created_at=0.0,
-        pinned=pinned,
-    )
 
 
 class Pool:

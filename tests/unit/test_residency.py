@@ -8,30 +8,10 @@ import asyncio
 import pytest
 
 from adapters.loader import AdapterCapacity, Lease, Residency
-from adapters.types import AdapterVersion, VersionState
+from adapters.types import AdapterVersion
 from server.errors import AdapterLoadFailed, EngineUnavailable
-from tests.unit.fakes import FakeEngine
+from tests.unit.fakes import FakeEngine, ver
 from tests.unit.helpers import wait_until
-
-
-def ver(name: str, number: int = 1, *, pinned: bool = False) -> AdapterVersion:
-    digest = "sha256:" + f"{sum(name.encode()) * 7919 + number:x}".rjust(64, "0")
-    return AdapterVersion(
-        name=name,
-        version=number,
-        digest=digest,
-        base_digest=None,
-        rank=4,
-        alpha=8.0,
-        target_modules=("q_proj", "v_proj"),
-        size_bytes=100,
-        source_uri=f"/adapters/{name}",
-        path=f"/cache/{name}-{number}",
-        state=VersionState.READY,
-        created_at=0.0,
-        pinned=pinned,
-    )
-
 
 Events = list[tuple[str, str]]
 
