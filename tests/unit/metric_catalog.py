@@ -77,6 +77,14 @@ def populate(m: GatewayMetrics, drift: DriftMonitor) -> None:
     m.adapters_resident.set(2)
     m.child(m.adapter_versions, "ready").set(3)
     m.engine_up.set(1)
+    # Two engines behind the gateway: picks of every affinity, one failover per round.
+    m.engines_up.set(2)
+    for affinity in ("hit", "load", "spill", "base"):
+        m.observe_pick(affinity)
+    m.engine_failovers.inc()
+    for url in ("http://10.0.0.1:8000", "http://10.0.0.2:8000"):
+        m.engine_in_flight.labels(url).set(1)
+        m.engine_queue_waiting.labels(url).set(2)
     m.observe_route("acme", "legal", "legal", 0.9, None, "tfidf", 0.001)
     m.observe_route("acme", "none", "medical", 0.2, "low_confidence", "tfidf", 0.001)
 
