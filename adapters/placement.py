@@ -190,9 +190,7 @@ class EnginePool:
         if exclude:
             members = [m for m in members if m not in exclude]
         if not members:
-            raise EngineUnavailable(
-                "The inference engine is not ready.", retry_after_s=self.retry_after_s
-            )
+            raise self._not_ready()
         if version is None:
             member = members[0] if len(members) == 1 else _coolest(members)
             member.in_flight += 1
@@ -230,6 +228,11 @@ class EnginePool:
                 return coolest, "spill"
         return best, "hit"
 
+    def _not_ready(self) -> EngineUnavailable:
+        return EngineUnavailable(
+            "The inference engine is not ready.", retry_after_s=self.retry_after_s
+        )
+
     def _observe(self, member: EngineMember, how: str) -> None:
         member.picks[how] = member.picks.get(how, 0) + 1
         if self._on_pick is not None:
@@ -263,9 +266,7 @@ class EnginePool:
         """Register on every usable engine (a pinned version is resident everywhere)."""
         members = list(self._usable)
         if not members:
-            raise EngineUnavailable(
-                "The inference engine is not ready.", retry_after_s=self.retry_after_s
-            )
+            raise self._not_ready()
         await asyncio.gather(*(m.residency.ensure(version) for m in members))
 
     async def unregister(self, served_name: str, *, drain_timeout_s: float | None = None) -> bool:
