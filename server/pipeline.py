@@ -22,6 +22,7 @@ from adapters.types import AdapterRef, AdapterVersion
 from router.experiments import Assignment
 from server.auth import Tenant
 from server.deadlines import bounded_stream, within
+from server.disconnects import unless_disconnected
 from server.errors import (
     BadRequest,
     EngineUnavailable,
@@ -326,7 +327,9 @@ async def _generate(
                 )
 
     if not parsed.stream:
-        resp = await _post(state, record, version, path, orjson.dumps(body))
+        resp = await unless_disconnected(
+            request.receive, _post(state, record, version, path, orjson.dumps(body))
+        )
         if resp.status != 200:
             raise upstream_failure(state, record.lease, label, resp.status, resp.body)
         _record_usage(record, resp)
@@ -338,7 +341,9 @@ async def _generate(
         options = dict(body.get("stream_options") or {})
         options["include_usage"] = True
         body["stream_options"] = options
-    stream = await _open_stream(state, record, version, path, orjson.dumps(body), label)
+    stream = await unless_disconnected(
+        request.receive, _open_stream(state, record, version, path, orjson.dumps(body), label)
+    )
 
     async def on_close() -> None:
         await stream.aclose()

@@ -24,7 +24,6 @@ from tests.faults.harness import (
 
 CLIENTS = 10
 ENGINE_DELAY_MS = 3000
-ABANDONED: dict[str, float] = {}  # engine-side seconds of abandoned non-streamed requests
 
 
 @pytest.fixture(scope="module")
@@ -92,37 +91,34 @@ def test_stream_disconnect_aborts_upstream_and_frees_everything(
     )
 
 
-def test_json_request_disconnect_frees_the_lease(engine: Engine, gw: Gateway) -> None:
+def test_json_request_disconnect_aborts_upstream_and_frees_the_lease(
+    engine: Engine, gw: Gateway
+) -> None:
     """A client that gives up on a non-streamed request while the engine works on it: the
-    lease and everything else is released once the engine's answer is dropped."""
+    gateway closes the upstream request at once (vLLM aborts the generation) and releases the
+    lease and everything else (server/disconnects.py)."""
     baseline = warm_up(gw)
+    disconnected_before = gw.metric("loraplex_requests_total", status="499")
     prefix = new_id("leave-json")
     engine.faults(prefix="", delay_ms=ENGINE_DELAY_MS)
     ids = [f"{prefix}-{i}" for i in range(4)]
     for rid in ids:
         with pytest.raises(httpx.ReadTimeout):
             gw.client.post("/v1/chat/completions", json=body(rid, ADAPTER, False), timeout=0.3)
-    engine.wait_events(ids, lambda ev: len(ev) == 2, timeout_s=5)
+    engine.wait_events(ids, lambda ev: ev == ["received", "aborted"], timeout_s=5)
     engine_side = engine.durations(ids)
+    assert max(engine_side.values()) < ENGINE_DELAY_MS / 1000 / 2, engine_side
     after = gw.settle(baseline)
     assert after["leases_in_flight"] == 0
     assert after["engine_connections"]["in_use"] == 0
     assert after["tasks"] <= baseline["tasks"], (baseline, after)
+    disconnected = gw.metric("loraplex_requests_total", status="499") - disconnected_before
+    assert disconnected == len(ids)
     report(
         "fault: clients disconnect from a non-streamed request",
         clients=len(ids),
         engine_outcomes=[engine.events()[i][-1] for i in ids],
         engine_side_s=sorted(round(v, 2) for v in engine_side.values()),
+        counted_499=disconnected,
         leases_in_flight_after=after["leases_in_flight"],
     )
-    ABANDONED.update(engine_side)
-
-
-@pytest.mark.xfail(
-    strict=True,
-    reason="uvicorn does not cancel a handler whose client left, and the non-streamed path "
-    "does not watch for the disconnect: the engine generates the whole abandoned answer",
-)
-def test_json_request_disconnect_aborts_upstream() -> None:
-    assert ABANDONED, "runs after test_json_request_disconnect_frees_the_lease"
-    assert max(ABANDONED.values()) < ENGINE_DELAY_MS / 1000 / 2

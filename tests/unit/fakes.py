@@ -108,6 +108,7 @@ class StreamScript:
     error_body: bytes = b""
     delay_s: float = 0.0
     raise_on_open: BaseException | None = None
+    open_gate: asyncio.Event | None = None  # the response head comes only once set
     # Raise `raise_mid` after this many events were yielded (None: never).
     fail_after: int | None = None
     raise_mid: Exception | None = None
@@ -210,6 +211,8 @@ class FakeEngine:
         body = self._record(path, payload, stream=True)
         if self.streams_script:
             script = self.streams_script.popleft()
+            if script.open_gate is not None:
+                await script.open_gate.wait()
             if script.raise_on_open is not None:
                 raise script.raise_on_open
         elif not self.healthy:
