@@ -89,13 +89,24 @@ class Registry:
         self.unavailable_since: float | None = None
 
     @classmethod
-    async def open(cls, url: str, interrupted_after_s: float = 600.0) -> Registry:
-        """Connect, migrate to the newest schema, repair interrupted registrations, load."""
+    async def open(
+        cls, url: str, interrupted_after_s: float = 600.0, timeout_s: float = 5.0
+    ) -> Registry:
+        """Connect, migrate to the newest schema, repair interrupted registrations, load.
+        `timeout_s` bounds a PostgreSQL connect, a wait for a pooled connection and each
+        statement (SQLite waits out its busy timeout instead)."""
         if url.startswith("sqlite"):
             db = url.split("///", 1)[1] if "///" in url else ""
             if db and db != ":memory:":
                 Path(db).parent.mkdir(parents=True, exist_ok=True)
-        engine = create_async_engine(url, pool_pre_ping=not url.startswith("sqlite"))
+            engine = create_async_engine(url)
+        else:
+            engine = create_async_engine(
+                url,
+                pool_pre_ping=True,
+                pool_timeout=timeout_s,
+                connect_args=_timeouts(url, timeout_s),
+            )
         if engine.dialect.name == "sqlite":
             sa.event.listen(engine.sync_engine, "connect", _sqlite_pragmas)
         registry = cls(engine)
@@ -619,6 +630,13 @@ def _database_away(exc: BaseException) -> bool:
     orig = getattr(exc, "orig", None)
     sqlstate = getattr(exc, "sqlstate", None) or getattr(orig, "sqlstate", None)
     return isinstance(sqlstate, str) and sqlstate[:2] in ("08", "57")
+
+
+def _timeouts(url: str, timeout_s: float) -> dict[str, Any]:
+    """Driver arguments that bound a connect and each statement (asyncpg's)."""
+    if "+asyncpg" in url.split("://", 1)[0]:
+        return {"timeout": timeout_s, "command_timeout": timeout_s}
+    return {}
 
 
 def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:

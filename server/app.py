@@ -132,7 +132,9 @@ async def build_state(
     seed = read_tenants_file(settings.tenants_file)
     read_adapters_file(settings.adapters_file)  # refuse a bad file before anything starts
     reg = settings.registry
-    registry = await Registry.open(reg.url, interrupted_after_s=reg.interrupted_after_s)
+    registry = await Registry.open(
+        reg.url, interrupted_after_s=reg.interrupted_after_s, timeout_s=reg.timeout_s
+    )
     try:
         await registry.seed_tenants(seed)
         TenantDirectory.from_records(registry.snapshot.tenants.values(), tuple(admin), "")

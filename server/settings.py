@@ -119,6 +119,9 @@ class RegistrySettings(BaseModel):
     base_model_dir: Path | None = None
     allow_unknown_base: bool = False
     poll_interval_s: float = 2.0
+    # PostgreSQL: connecting, waiting for a pooled connection, and each statement give up after
+    # this long (503 `registry_unavailable`), so a server that hangs cannot hang admin calls.
+    timeout_s: float = Field(5.0, gt=0)
     interrupted_after_s: float = 600.0
     s3_endpoint_url: str | None = None
 

@@ -1,10 +1,13 @@
 """A PostgreSQL cluster that a test can stop and start again on the same port and data
-directory (tests/pg.py's throwaway cluster, made restartable for the registry outage)."""
+directory (tests/pg.py's throwaway cluster, made restartable for the registry outage), or
+freeze: every server process stopped with SIGSTOP, so connections are accepted by the kernel
+and statements are sent, but nothing is ever answered (a hung database host)."""
 
 from __future__ import annotations
 
 import os
 import shutil
+import signal
 import subprocess
 import tempfile
 from pathlib import Path
@@ -44,3 +47,24 @@ class PgCluster:
         """Immediate shutdown: connections are cut, as when the database host goes away."""
         cmd = [_bin("pg_ctl"), "-D", str(self.data), "-m", "immediate", "-w", "stop"]
         subprocess.run(_as_postgres(cmd), check=False, capture_output=True)
+
+    def processes(self) -> list[int]:
+        """The postmaster and its children (backends, checkpointer, ...)."""
+        postmaster = int((self.data / "postmaster.pid").read_text().split()[0])
+        children = []
+        for stat in Path("/proc").glob("[0-9]*/stat"):
+            try:
+                fields = stat.read_text().rsplit(")", 1)[1].split()
+            except OSError:
+                continue  # the process has gone
+            if int(fields[1]) == postmaster:
+                children.append(int(stat.parent.name))
+        return [postmaster, *children]
+
+    def freeze(self) -> None:
+        for pid in self.processes():
+            os.kill(pid, signal.SIGSTOP)
+
+    def thaw(self) -> None:
+        for pid in self.processes():
+            os.kill(pid, signal.SIGCONT)

@@ -32,6 +32,7 @@ from tests.faults.harness import (
 from tests.faults.pgcluster import PgCluster
 
 POLL_S = 0.5
+TIMEOUT_S = 1.0  # registry.timeout_s: bounds a connect, a pool wait and each statement
 
 
 @pytest.fixture(scope="module")
@@ -44,7 +45,11 @@ def pg() -> Iterator[PgCluster]:
 def gw(
     engine: Engine, pg: PgCluster, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[Gateway]:
-    env = {"LORAPLEX_REGISTRY__URL": pg.url, "LORAPLEX_REGISTRY__POLL_INTERVAL_S": str(POLL_S)}
+    env = {
+        "LORAPLEX_REGISTRY__URL": pg.url,
+        "LORAPLEX_REGISTRY__POLL_INTERVAL_S": str(POLL_S),
+        "LORAPLEX_REGISTRY__TIMEOUT_S": str(TIMEOUT_S),
+    }
     with gateway(tmp_path_factory.mktemp("gw-registry"), engine.url, env) as g:
         yield g
 
@@ -137,6 +142,60 @@ def test_postgres_stopped(engine: Engine, pg: PgCluster, gw: Gateway, tmp_path: 
         "fault: registry database (PostgreSQL) stopped",
         outage_s=round(up_at - down_at, 2),
         served_during_outage=sum(o.kind == "answer" for o in during),
+        refused_503_seconds=refused,
+        mutations_recovered_after_s=round(recovered_s, 2),
+    )
+
+
+def test_postgres_hangs(engine: Engine, pg: PgCluster, gw: Gateway) -> None:
+    """The database host hangs: connections open, statements are sent, nothing answers. Admin
+    calls that need the database give up after `registry.timeout_s` (a pooled connection's
+    ping, then one connect attempt) with a clean 503; serving goes on; all recovers."""
+    engine.faults()
+    prefix = new_id("registry-hang")
+    assert gw.admin.get("/admin/v1/audit", params={"limit": 1}).status_code == 200  # pooled
+    unavailable_before = gw.log.read_text().count("registry database unavailable")
+    pg.freeze()
+    frozen_at = time.monotonic()
+    try:
+        during = traffic(gw, prefix)
+        refused = {}
+        for what in ("create tenant", "read audit"):
+            started = time.monotonic()
+            if what == "create tenant":
+                resp = gw.admin.post(
+                    "/admin/v1/tenants", json={"name": "hung", "adapters": [ADAPTER]}, timeout=60
+                )
+            else:
+                resp = gw.admin.get("/admin/v1/audit", params={"limit": 5}, timeout=60)
+            took = time.monotonic() - started
+            assert resp.status_code == 503, (what, resp.text)
+            assert resp.json()["error"]["code"] == "registry_unavailable"
+            assert resp.headers["retry-after"] == "5"
+            assert took < 4 * TIMEOUT_S + 1, (what, took)
+            refused[what] = round(took, 2)
+        assert httpx.get(f"{gw.url}/readyz", timeout=5).status_code == 200
+    finally:
+        pg.thaw()
+    thawed_at = time.monotonic()
+    while True:
+        resp = gw.admin.post("/admin/v1/tenants", json={"name": "hung", "adapters": [ADAPTER]})
+        if resp.status_code == 201:
+            break
+        assert resp.status_code == 503, resp.text
+        assert time.monotonic() - thawed_at < 10 * TIMEOUT_S, "mutations did not recover"
+        time.sleep(0.1)
+    recovered_s = time.monotonic() - thawed_at
+    after = traffic(gw, prefix + "-after")
+    outcomes = [*during, *after]
+    summary = check(engine, prefix, outcomes, max_attempts=1)
+    assert summary["answer"] == len(outcomes)
+    assert gw.log.read_text().count("registry database unavailable") == unavailable_before + 1
+    report(
+        "fault: registry database (PostgreSQL) hangs",
+        hung_s=round(thawed_at - frozen_at, 2),
+        timeout_s=TIMEOUT_S,
+        served_while_hung=sum(o.kind == "answer" for o in during),
         refused_503_seconds=refused,
         mutations_recovered_after_s=round(recovered_s, 2),
     )
