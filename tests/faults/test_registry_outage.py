@@ -80,6 +80,18 @@ def traffic(gw: Gateway, prefix: str, n: int = 20) -> list[Outcome]:
     return run_all(gw.client, calls)
 
 
+def create_tenant_once_back(gw: Gateway, name: str, within_s: float) -> httpx.Response:
+    """Retry creating a tenant (503 while the database is away) until it is created."""
+    started = time.monotonic()
+    while True:
+        resp = gw.admin.post("/admin/v1/tenants", json={"name": name, "adapters": [ADAPTER]})
+        if resp.status_code == 201:
+            return resp
+        assert resp.status_code == 503, resp.text
+        assert time.monotonic() - started < within_s, "mutations did not recover"
+        time.sleep(0.1)
+
+
 def test_postgres_stopped(engine: Engine, pg: PgCluster, gw: Gateway, tmp_path: Path) -> None:
     engine.faults()
     prefix = new_id("registry")
@@ -116,13 +128,7 @@ def test_postgres_stopped(engine: Engine, pg: PgCluster, gw: Gateway, tmp_path: 
 
     pg.start()
     up_at = time.monotonic()
-    while True:
-        resp = gw.admin.post("/admin/v1/tenants", json={"name": "back", "adapters": [ADAPTER]})
-        if resp.status_code == 201:
-            break
-        assert resp.status_code == 503, resp.text
-        assert time.monotonic() - up_at < 10, "mutations did not recover"
-        time.sleep(0.1)
+    resp = create_tenant_once_back(gw, "back", within_s=10)
     recovered_s = time.monotonic() - up_at
     # The refused registration left nothing behind.
     versions = gw.admin.get(f"/admin/v1/adapters/{ADAPTER}").json()["versions"]
@@ -178,13 +184,7 @@ def test_postgres_hangs(engine: Engine, pg: PgCluster, gw: Gateway) -> None:
     finally:
         pg.thaw()
     thawed_at = time.monotonic()
-    while True:
-        resp = gw.admin.post("/admin/v1/tenants", json={"name": "hung", "adapters": [ADAPTER]})
-        if resp.status_code == 201:
-            break
-        assert resp.status_code == 503, resp.text
-        assert time.monotonic() - thawed_at < 10 * TIMEOUT_S, "mutations did not recover"
-        time.sleep(0.1)
+    create_tenant_once_back(gw, "hung", within_s=10 * TIMEOUT_S)
     recovered_s = time.monotonic() - thawed_at
     after = traffic(gw, prefix + "-after")
     outcomes = [*during, *after]
