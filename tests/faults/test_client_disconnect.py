@@ -5,7 +5,6 @@ asyncio task, file descriptor or engine connection behind."""
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
 
 import httpx
 import pytest
@@ -17,7 +16,6 @@ from tests.faults.harness import (
     Gateway,
     body,
     check,
-    gateway,
     new_id,
     run_all,
 )
@@ -26,17 +24,7 @@ CLIENTS = 10
 ENGINE_DELAY_MS = 3000
 
 
-@pytest.fixture(scope="module")
-def gw(engine: Engine, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gateway]:
-    with gateway(tmp_path_factory.mktemp("gw-disconnect"), engine.url) as g:
-        yield g
-
-
-@pytest.fixture(autouse=True)
-def no_faults(engine: Engine) -> Iterator[None]:
-    engine.faults()
-    yield
-    engine.faults()
+pytestmark = pytest.mark.usefixtures("no_faults")
 
 
 def warm_up(gw: Gateway) -> dict[str, object]:

@@ -9,7 +9,6 @@ engine is back the gateway registers the adapters it lost and serves them again.
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -17,17 +16,15 @@ import httpx
 import pytest
 
 from tests.e2e.harness import report
-from tests.faults.harness import ADAPTER, Engine, Gateway, call, check, gateway, new_id, run_all
+from tests.faults.harness import ADAPTER, Engine, Gateway, call, check, new_id, run_all
 
 STREAMS = 8
 HEALTH_INTERVAL_S = 1.0
 
 
 @pytest.fixture(scope="module")
-def gw(engine: Engine, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gateway]:
-    env = {"LORAPLEX_ENGINE__HEALTH_INTERVAL_S": str(HEALTH_INTERVAL_S)}
-    with gateway(tmp_path_factory.mktemp("gw-engine"), engine.url, env) as g:
-        yield g
+def gateway_env() -> dict[str, str]:
+    return {"LORAPLEX_ENGINE__HEALTH_INTERVAL_S": str(HEALTH_INTERVAL_S)}
 
 
 @pytest.fixture(autouse=True)

@@ -42,16 +42,12 @@ def pg() -> Iterator[PgCluster]:
 
 
 @pytest.fixture(scope="module")
-def gw(
-    engine: Engine, pg: PgCluster, tmp_path_factory: pytest.TempPathFactory
-) -> Iterator[Gateway]:
-    env = {
+def gateway_env(pg: PgCluster) -> dict[str, str]:
+    return {
         "LORAPLEX_REGISTRY__URL": pg.url,
         "LORAPLEX_REGISTRY__POLL_INTERVAL_S": str(POLL_S),
         "LORAPLEX_REGISTRY__TIMEOUT_S": str(TIMEOUT_S),
     }
-    with gateway(tmp_path_factory.mktemp("gw-registry"), engine.url, env) as g:
-        yield g
 
 
 def mutations(gw: Gateway, suffix: str, source: str | None = None) -> dict[str, httpx.Response]:

@@ -6,28 +6,17 @@ a timeout, a 500, a stream broken mid-way — is never tried again."""
 from __future__ import annotations
 
 import statistics
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
 
 from tests.e2e.harness import report
-from tests.faults.harness import ADAPTER, Engine, Gateway, call, check, gateway, new_id, run_all
+from tests.faults.harness import ADAPTER, Engine, Gateway, call, check, new_id, run_all
 
 N = 6
 
 
-@pytest.fixture(scope="module")
-def gw(engine: Engine, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gateway]:
-    with gateway(tmp_path_factory.mktemp("gw-retries"), engine.url) as g:
-        yield g
-
-
-@pytest.fixture(autouse=True)
-def no_faults(engine: Engine) -> Iterator[None]:
-    engine.faults()
-    yield
-    engine.faults()
+pytestmark = pytest.mark.usefixtures("no_faults")
 
 
 def one_by_one(engine: Engine, gw: Gateway, prefix: str, **fault: Any) -> list[Any]:

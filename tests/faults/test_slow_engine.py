@@ -8,31 +8,23 @@ not cut by the total, only a silent one.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-
 import pytest
 
 from tests.e2e.harness import report
-from tests.faults.harness import ADAPTER, Engine, Gateway, check, gateway, new_id, run_all
+from tests.faults.harness import ADAPTER, Engine, Gateway, check, new_id, run_all
 
 READ_TIMEOUT_S = 1.0
 
 
 @pytest.fixture(scope="module")
-def gw(engine: Engine, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gateway]:
-    env = {
+def gateway_env() -> dict[str, str]:
+    return {
         "LORAPLEX_ENGINE__READ_TIMEOUT_S": str(READ_TIMEOUT_S),
         "LORAPLEX_ENGINE__REQUEST_TIMEOUT_S": "2",
     }
-    with gateway(tmp_path_factory.mktemp("gw-slow"), engine.url, env) as g:
-        yield g
 
 
-@pytest.fixture(autouse=True)
-def no_faults(engine: Engine) -> Iterator[None]:
-    engine.faults()
-    yield
-    engine.faults()
+pytestmark = pytest.mark.usefixtures("no_faults")
 
 
 def calls(prefix: str, n: int, stream: bool) -> list[dict[str, object]]:
