@@ -9,6 +9,9 @@ when another replica's change bumped the generation (`refresh_if_changed`).
 When the database is away (stopped, unreachable, locked) every method raises
 `RegistryUnavailable` (503 `registry_unavailable`) instead of a driver error; the snapshot
 stays as it was, so serving goes on, and the pool reconnects by itself once it is back.
+
+The engine, migrations and the database-away test are in `registry_db.py`; the statements
+mutations share and the row conversions in `registry_rows.py`.
 """
 
 from __future__ import annotations
@@ -19,14 +22,24 @@ import logging
 import time
 from collections.abc import AsyncIterator, Iterator, Mapping
 from dataclasses import replace
-from pathlib import Path
 from typing import Any
 
 import sqlalchemy as sa
-from sqlalchemy.engine import Connection
-from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from adapters import registry_schema as t
+from adapters.registry_db import create_engine, database_away, migrate
+from adapters.registry_rows import (
+    audit,
+    bump,
+    get_experiment,
+    get_tenant,
+    get_version,
+    load_snapshot,
+    version_audit,
+    version_from_row,
+    version_users,
+)
 from adapters.registry_types import (
     SYSTEM,
     Actor,
@@ -45,7 +58,7 @@ from adapters.registry_types import (
     VersionInUse,
     VersionNotFound,
 )
-from adapters.types import DEFAULT_ALIAS, AdapterRef, AdapterVersion, VersionState
+from adapters.types import AdapterVersion, VersionState
 from server.errors import Conflict
 
 __all__ = [
@@ -69,13 +82,7 @@ __all__ = [
 ]
 
 log = logging.getLogger("loraplex.registry")
-MIGRATIONS = Path(__file__).resolve().parent / "migrations"
-# The newest migration in adapters/migrations/versions (a unit test keeps the two in step):
-# a database already there skips loading Alembic at start.
-HEAD_REVISION = "0003"
-MIGRATION_LOCK_ID = 0x10AA_B1E4  # PostgreSQL advisory lock: one replica migrates at a time
 LIVE_STATES = (VersionState.REGISTERED, VersionState.VALIDATED)
-ACTIVE_EXPERIMENTS = ("running", "paused")  # router.experiments.ACTIVE (adapters sits below)
 
 
 class Registry:
@@ -93,28 +100,10 @@ class Registry:
         cls, url: str, interrupted_after_s: float = 600.0, timeout_s: float = 5.0
     ) -> Registry:
         """Connect, migrate to the newest schema, repair interrupted registrations, load.
-        `timeout_s` bounds a PostgreSQL connect, a wait for a pooled connection and each
-        statement (SQLite waits out its busy timeout instead)."""
-        if url.startswith("sqlite"):
-            db = url.split("///", 1)[1] if "///" in url else ""
-            if db and db != ":memory:":
-                Path(db).parent.mkdir(parents=True, exist_ok=True)
-            engine = create_async_engine(url)
-        else:
-            engine = create_async_engine(
-                url,
-                pool_pre_ping=True,
-                pool_timeout=timeout_s,
-                connect_args=_timeouts(url, timeout_s),
-            )
-        if engine.dialect.name == "sqlite":
-            sa.event.listen(engine.sync_engine, "connect", _sqlite_pragmas)
+        `timeout_s`: see `registry_db.create_engine`."""
+        engine = create_engine(url, timeout_s)
         registry = cls(engine)
-        async with engine.begin() as conn:
-            if engine.dialect.name == "postgresql":
-                await conn.execute(sa.select(sa.func.pg_advisory_xact_lock(MIGRATION_LOCK_ID)))
-            if await _revision(conn) != HEAD_REVISION:
-                await conn.run_sync(_upgrade)
+        await migrate(engine)
         # A SQLite file has one gateway; with PostgreSQL another replica may be mid-registration.
         cutoff = (
             time.time() if engine.dialect.name == "sqlite" else time.time() - interrupted_after_s
@@ -145,7 +134,7 @@ class Registry:
 
     async def reload(self) -> Snapshot:
         async with self._connect() as conn:
-            self.snapshot = await _load_snapshot(conn)
+            self.snapshot = await load_snapshot(conn)
         return self.snapshot
 
     async def audit_entries(
@@ -218,9 +207,9 @@ class Registry:
                 "updated_at": now,
             }
             await conn.execute(sa.insert(t.adapter_versions).values(**row))
-            version = _version_from_row(row)
-            await _audit(
-                conn, actor, "adapter.register", version.label, None, _version_audit(version)
+            version = version_from_row(row)
+            await audit(
+                conn, actor, "adapter.register", version.label, None, version_audit(version)
             )
         return version
 
@@ -235,14 +224,14 @@ class Registry:
     ) -> AdapterVersion:
         """Move a version's state; `expect` guards against a concurrent change."""
         async with self._mutation() as conn:
-            before = await _get_version(conn, name, version)
+            before = await get_version(conn, name, version)
             if expect is not None and before.state not in expect:
                 raise InvalidTransition(
                     f"{before.label} is {before.state.value}, expected "
                     + " or ".join(s.value for s in expect)
                 )
             if state in (VersionState.RETIRED, VersionState.REJECTED):
-                in_use = await _version_users(conn, name, version)
+                in_use = await version_users(conn, name, version)
                 if in_use:
                     raise VersionInUse(
                         f"{before.label} is in use by {', '.join(in_use)}; move or end it first"
@@ -253,7 +242,7 @@ class Registry:
                 .values(state=state.value, state_reason=reason, updated_at=time.time())
             )
             after = replace(before, state=state, state_reason=reason)
-            await _audit(
+            await audit(
                 conn,
                 actor,
                 f"adapter.{state.value}",
@@ -267,13 +256,13 @@ class Registry:
         self, name: str, version: int, pinned: bool, actor: Actor
     ) -> AdapterVersion:
         async with self._mutation() as conn:
-            before = await _get_version(conn, name, version)
+            before = await get_version(conn, name, version)
             await conn.execute(
                 sa.update(t.adapter_versions)
                 .where(t.adapter_versions.c.name == name, t.adapter_versions.c.version == version)
                 .values(pinned=pinned, updated_at=time.time())
             )
-            await _audit(
+            await audit(
                 conn,
                 actor,
                 "adapter.pin" if pinned else "adapter.unpin",
@@ -299,7 +288,7 @@ class Registry:
             elif before == version:
                 return before, version  # no change: no audit entry, no generation bump
             else:
-                target = await _get_version(conn, name, version)
+                target = await get_version(conn, name, version)
                 if ready_only and target.state is not VersionState.READY:
                     raise InvalidTransition(
                         f"{target.label} is {target.state.value}; only ready versions take aliases"
@@ -317,7 +306,7 @@ class Registry:
                         .where(c.name == name, c.alias == alias)
                         .values(version=version, updated_at=now)
                     )
-            await _audit(
+            await audit(
                 conn,
                 actor,
                 "alias.set" if version is not None else "alias.delete",
@@ -330,8 +319,8 @@ class Registry:
     async def delete_version(self, name: str, version: int, actor: Actor) -> AdapterVersion:
         """Forget a version (its number is never reused); refused while an alias points at it."""
         async with self._mutation() as conn:
-            before = await _get_version(conn, name, version)
-            users = await _version_users(conn, name, version)
+            before = await get_version(conn, name, version)
+            users = await version_users(conn, name, version)
             if users:
                 raise VersionInUse(
                     f"{before.label} is in use by {', '.join(users)}; "
@@ -342,7 +331,7 @@ class Registry:
                     t.adapter_versions.c.name == name, t.adapter_versions.c.version == version
                 )
             )
-            await _audit(conn, actor, "adapter.delete", before.label, _version_audit(before), None)
+            await audit(conn, actor, "adapter.delete", before.label, version_audit(before), None)
         return before
 
     # -- tenants ---------------------------------------------------------------------------------
@@ -353,7 +342,7 @@ class Registry:
         """Create or replace a tenant; `create=True` refuses an existing name, False a new one.
         Returns the previous record."""
         async with self._mutation() as conn:
-            before = await _get_tenant(conn, record.name)
+            before = await get_tenant(conn, record.name)
             if create is True and before is not None:
                 raise TenantExists(f"tenant {record.name!r} exists")
             if create is False and before is None:
@@ -374,7 +363,7 @@ class Registry:
                 await conn.execute(
                     sa.update(t.tenants).where(t.tenants.c.name == record.name).values(**values)
                 )
-            await _audit(
+            await audit(
                 conn,
                 actor,
                 "tenant.create" if before is None else "tenant.update",
@@ -386,11 +375,11 @@ class Registry:
 
     async def delete_tenant(self, name: str, actor: Actor) -> TenantRecord:
         async with self._mutation() as conn:
-            before = await _get_tenant(conn, name)
+            before = await get_tenant(conn, name)
             if before is None:
                 raise TenantNotFound(f"no tenant named {name!r}")
             await conn.execute(sa.delete(t.tenants).where(t.tenants.c.name == name))
-            await _audit(conn, actor, "tenant.delete", f"tenant:{name}", before.as_audit(), None)
+            await audit(conn, actor, "tenant.delete", f"tenant:{name}", before.as_audit(), None)
         return before
 
     async def seed_tenants(self, records: list[TenantRecord]) -> list[str]:
@@ -409,7 +398,7 @@ class Registry:
     async def record_audit(self, actor: Actor, action: str, target: str, after: Any) -> None:
         """An audit entry for an action that changed nothing stored (e.g. a refused register)."""
         async with self._begin() as conn:
-            await _audit(conn, actor, action, target, None, after)
+            await audit(conn, actor, action, target, None, after)
 
     # -- experiments -------------------------------------------------------------------------
 
@@ -425,7 +414,7 @@ class Registry:
         """Create (refusing an existing name) or replace an experiment; `expect_status` guards
         against a concurrent change (another replica's controller or an operator)."""
         async with self._mutation() as conn:
-            before = await _get_experiment(conn, record.name)
+            before = await get_experiment(conn, record.name)
             if create and before is not None:
                 raise ExperimentExists(f"experiment {record.name!r} exists")
             if not create and before is None:
@@ -456,7 +445,7 @@ class Registry:
                     .where(t.experiments.c.name == record.name)
                     .values(**values)
                 )
-            await _audit(
+            await audit(
                 conn,
                 actor,
                 "experiment.create" if before is None else action,
@@ -468,11 +457,11 @@ class Registry:
 
     async def delete_experiment(self, name: str, actor: Actor) -> ExperimentRecord:
         async with self._mutation() as conn:
-            before = await _get_experiment(conn, name)
+            before = await get_experiment(conn, name)
             if before is None:
                 raise ExperimentNotFound(f"no experiment named {name!r}")
             await conn.execute(sa.delete(t.experiments).where(t.experiments.c.name == name))
-            await _audit(
+            await audit(
                 conn, actor, "experiment.delete", f"experiment:{name}", before.as_audit(), None
             )
         return before
@@ -526,7 +515,7 @@ class Registry:
                         tenant=tenant, payload=dict(payload), updated_at=time.time()
                     )
                 )
-            await _audit(
+            await audit(
                 conn,
                 actor,
                 "drift.reference.set" if payload is not None else "drift.reference.reset",
@@ -556,7 +545,7 @@ class Registry:
         try:
             yield
         except Exception as exc:
-            if not _database_away(exc):
+            if not database_away(exc):
                 raise
             if self.unavailable_since is None:
                 self.unavailable_since = time.time()
@@ -599,7 +588,7 @@ class Registry:
                         updated_at=time.time(),
                     )
                 )
-                await _audit(
+                await audit(
                     conn,
                     SYSTEM,
                     "adapter.rejected",
@@ -607,227 +596,4 @@ class Registry:
                     None,
                     {"state": "rejected", "reason": reason},
                 )
-            await _bump(conn)
-
-
-def _database_away(exc: BaseException) -> bool:
-    """Connection-level trouble, not a problem with the statement: refused or lost
-    connections, pool or connect timeouts, SQLite's locked / unopenable file, and
-    PostgreSQL's SQLSTATE classes 08 (connection exception) and 57 (operator intervention:
-    shutting down, starting up)."""
-    if isinstance(
-        exc,
-        OSError
-        | TimeoutError
-        | sa.exc.OperationalError
-        | sa.exc.InterfaceError
-        | sa.exc.DisconnectionError
-        | sa.exc.TimeoutError,
-    ):
-        return True
-    if isinstance(exc, sa.exc.DBAPIError) and exc.connection_invalidated:
-        return True
-    orig = getattr(exc, "orig", None)
-    sqlstate = getattr(exc, "sqlstate", None) or getattr(orig, "sqlstate", None)
-    return isinstance(sqlstate, str) and sqlstate[:2] in ("08", "57")
-
-
-def _timeouts(url: str, timeout_s: float) -> dict[str, Any]:
-    """Driver arguments that bound a connect and each statement (asyncpg's)."""
-    if "+asyncpg" in url.split("://", 1)[0]:
-        return {"timeout": timeout_s, "command_timeout": timeout_s}
-    return {}
-
-
-def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
-    cur = dbapi_conn.cursor()
-    cur.execute("PRAGMA journal_mode=WAL")
-    cur.execute("PRAGMA synchronous=FULL")
-    cur.execute("PRAGMA foreign_keys=ON")
-    cur.execute("PRAGMA busy_timeout=10000")
-    cur.close()
-
-
-async def _revision(conn: AsyncConnection) -> str | None:
-    def read(sync_conn: Connection) -> str | None:
-        if not sa.inspect(sync_conn).has_table("alembic_version"):
-            return None
-        row = sync_conn.execute(sa.text("SELECT version_num FROM alembic_version")).first()
-        return None if row is None else str(row[0])
-
-    return await conn.run_sync(read)
-
-
-def _upgrade(sync_conn: Connection) -> None:
-    from alembic import command
-    from alembic.config import Config
-
-    cfg = Config()
-    cfg.set_main_option("script_location", str(MIGRATIONS))
-    cfg.attributes["connection"] = sync_conn
-    command.upgrade(cfg, "head")
-
-
-async def _bump(conn: AsyncConnection) -> None:
-    await conn.execute(
-        sa.update(t.registry_meta).values(generation=t.registry_meta.c.generation + 1)
-    )
-
-
-async def _audit(
-    conn: AsyncConnection, actor: Actor, action: str, target: str, before: Any, after: Any
-) -> None:
-    await conn.execute(
-        sa.insert(t.audit_log).values(
-            at=time.time(),
-            actor=actor.name,
-            action=action,
-            target=target[:200],
-            before=before,
-            after=after,
-            request_id=actor.request_id,
-        )
-    )
-    await _bump(conn)
-
-
-async def _version_users(conn: AsyncConnection, name: str, version: int) -> list[str]:
-    """What keeps a version routable: aliases pointing at it and active experiments serving
-    it in a variant (`["alias stable", "experiment x"]`)."""
-    c = t.aliases.c
-    rows = await conn.execute(
-        sa.select(c.alias).where(c.name == name, c.version == version).order_by(c.alias)
-    )
-    users = [f"alias {a}" for a in rows.scalars().all()]
-    e = t.experiments.c
-    active = await conn.execute(
-        sa.select(e.name, e.definition).where(e.status.in_(ACTIVE_EXPERIMENTS)).order_by(e.name)
-    )
-    for exp_name, definition in active.all():
-        for variant in (definition or {}).get("variants", []):
-            ref = AdapterRef.parse(str(variant.get("model", "")))
-            if ref is None or ref.name != name:
-                continue
-            number = ref.version
-            if number is None:
-                number = (
-                    await conn.execute(
-                        sa.select(c.version).where(
-                            c.name == name, c.alias == (ref.alias or DEFAULT_ALIAS)
-                        )
-                    )
-                ).scalar_one_or_none()
-            if number == version:
-                users.append(f"experiment {exp_name}")
-                break
-    return users
-
-
-async def _get_version(conn: AsyncConnection, name: str, version: int) -> AdapterVersion:
-    c = t.adapter_versions.c
-    row = (
-        (
-            await conn.execute(
-                sa.select(t.adapter_versions).where(c.name == name, c.version == version)
-            )
-        )
-        .mappings()
-        .first()
-    )
-    if row is None:
-        raise VersionNotFound(f"no adapter version {name}@{version}")
-    return _version_from_row(row)
-
-
-async def _get_tenant(conn: AsyncConnection, name: str) -> TenantRecord | None:
-    row = (
-        (await conn.execute(sa.select(t.tenants).where(t.tenants.c.name == name)))
-        .mappings()
-        .first()
-    )
-    return None if row is None else _tenant_from_row(row)
-
-
-async def _get_experiment(conn: AsyncConnection, name: str) -> ExperimentRecord | None:
-    row = (
-        (await conn.execute(sa.select(t.experiments).where(t.experiments.c.name == name)))
-        .mappings()
-        .first()
-    )
-    return None if row is None else _experiment_from_row(row)
-
-
-def _experiment_from_row(row: Mapping[Any, Any]) -> ExperimentRecord:
-    return ExperimentRecord(
-        name=row["name"],
-        target=row["target"],
-        definition=dict(row["definition"]),
-        status=row["status"],
-        weights={str(k): float(v) for k, v in dict(row["weights"]).items()},
-        ramp_step=row["ramp_step"],
-        step_started_at=row["step_started_at"],
-        reason=row["reason"],
-        created_at=row["created_at"],
-        updated_at=row["updated_at"],
-    )
-
-
-async def _load_snapshot(conn: AsyncConnection) -> Snapshot:
-    generation = int((await conn.execute(sa.select(t.registry_meta.c.generation))).scalar_one())
-    versions = {}
-    for row in (await conn.execute(sa.select(t.adapter_versions))).mappings():
-        v = _version_from_row(row)
-        versions[(v.name, v.version)] = v
-    aliases = {
-        (r.name, r.alias): r.version for r in (await conn.execute(sa.select(t.aliases))).all()
-    }
-    tenants = {
-        r["name"]: _tenant_from_row(r)
-        for r in (await conn.execute(sa.select(t.tenants))).mappings()
-    }
-    experiments = {
-        r["name"]: _experiment_from_row(r)
-        for r in (await conn.execute(sa.select(t.experiments))).mappings()
-    }
-    return Snapshot(generation, versions, aliases, tenants, experiments)
-
-
-def _version_from_row(row: Mapping[Any, Any]) -> AdapterVersion:
-    return AdapterVersion(
-        name=row["name"],
-        version=row["version"],
-        digest=row["digest"],
-        base_digest=row["base_digest"],
-        rank=row["rank"],
-        alpha=row["alpha"],
-        target_modules=tuple(row["target_modules"]),
-        size_bytes=row["size_bytes"],
-        source_uri=row["source_uri"],
-        path=row["path"],
-        state=VersionState(row["state"]),
-        created_at=row["created_at"],
-        state_reason=row["state_reason"],
-        pinned=bool(row["pinned"]),
-        metadata=dict(row["meta"] or {}),
-    )
-
-
-def _tenant_from_row(row: Mapping[Any, Any]) -> TenantRecord:
-    return TenantRecord(
-        name=row["name"],
-        key_digests=tuple(row["key_digests"]),
-        adapters=frozenset(row["adapters"]),
-        default=row["default_model"],
-        quotas=Quotas.from_dict(row["quotas"]),
-    )
-
-
-def _version_audit(v: AdapterVersion) -> dict[str, Any]:
-    return {
-        "digest": v.digest,
-        "base_digest": v.base_digest,
-        "rank": v.rank,
-        "source": v.source_uri,
-        "state": v.state.value,
-        "metadata": v.metadata,
-    }
+            await bump(conn)

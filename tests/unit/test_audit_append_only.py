@@ -11,7 +11,8 @@ import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
-from adapters.registry import MIGRATIONS, Actor, Registry, TenantRecord
+from adapters.registry import Actor, Registry, TenantRecord
+from adapters.registry_db import MIGRATIONS
 from tests.pg import postgres_cluster
 
 ADMIN = Actor("admin:test", "req-1")

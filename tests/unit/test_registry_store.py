@@ -17,8 +17,6 @@ from sqlalchemy.ext.asyncio import create_async_engine
 
 from adapters import registry_schema
 from adapters.registry import (
-    HEAD_REVISION,
-    MIGRATIONS,
     Actor,
     ExperimentExists,
     ExperimentNotFound,
@@ -32,6 +30,7 @@ from adapters.registry import (
     VersionInUse,
     VersionNotFound,
 )
+from adapters.registry_db import HEAD_REVISION, MIGRATIONS
 from adapters.types import AdapterRef, VersionState
 from tests.pg import postgres_cluster
 
