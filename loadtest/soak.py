@@ -232,9 +232,12 @@ def runtime(url: str, admin_key: str, pid: int) -> dict[str, Any]:
     return out
 
 
-def verdict(before: dict[str, Any], after: dict[str, Any]) -> dict[str, Any]:
+def verdict(before: dict[str, Any], after: dict[str, Any], answered: int) -> dict[str, Any]:
+    """The targets; a soak that got no answers proves nothing and fails (`load_ok`)."""
     growth = (after["rss_mib"] - before["rss_mib"]) / before["rss_mib"]
     checks = {
+        "answered": answered,
+        "load_ok": answered > 0,
         "rss_growth": round(growth, 4),
         "rss_ok": growth < MAX_RSS_GROWTH,
         "fds_ok": after["open_fds"] <= before["open_fds"],
@@ -254,6 +257,8 @@ async def soak(args: argparse.Namespace, url: str, admin_key: str, pid: int) -> 
         timeline.append(await asyncio.to_thread(runtime, url, admin_key, pid))
 
     best, steps = await saturation(url, args.step_s, args.max_in_flight)
+    if best <= 0:
+        raise SoakError(f"the gateway did not serve the mix in full even at 50/s: {steps[-1]}")
     rate = best * args.load
     # Warm-up at the soak's rate: allocator pools, caches and connection pools reach their
     # working size before the "before" reading.
@@ -265,10 +270,11 @@ async def soak(args: argparse.Namespace, url: str, admin_key: str, pid: int) -> 
     )
     await asyncio.sleep(args.settle_s)  # in-flight work drains, idle connections close
     after = await asyncio.to_thread(runtime, url, admin_key, pid)
+    answered = sum(n for outcome, n in tally.outcomes.items() if outcome.endswith(":200"))
     waited = args.settle_s
     # Sockets the clients just closed can take the server a moment to notice: a leak is what
     # is still there after --drain-s more seconds.
-    while waited < args.settle_s + args.drain_s and not verdict(before, after)["ok"]:
+    while waited < args.settle_s + args.drain_s and not verdict(before, after, answered)["ok"]:
         await asyncio.sleep(2)
         waited += 2
         after = await asyncio.to_thread(runtime, url, admin_key, pid)
@@ -289,8 +295,12 @@ async def soak(args: argparse.Namespace, url: str, admin_key: str, pid: int) -> 
         "before": before,
         "after": after,
         "timeline": timeline,
-        "verdict": verdict(before, after),
+        "verdict": verdict(before, after, answered),
     }
+
+
+class SoakError(RuntimeError):
+    """The soak could not run as planned (nothing it measured would mean anything)."""
 
 
 async def _noop() -> None:
@@ -316,7 +326,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", type=Path, default=None, help="also write the report here")
     args = ap.parse_args(argv)
 
-    work = args.workdir / time.strftime("%Y%m%d-%H%M%S")
+    # Absolute: the gateway refuses relative adapter sources.
+    work = args.workdir.resolve() / time.strftime("%Y%m%d-%H%M%S")
     work.mkdir(parents=True, exist_ok=True)
     admin_key = "sk-soak-admin-" + secrets.token_hex(8)
     adapter = fake_adapter_dir(work / "src", "soak")
@@ -335,7 +346,11 @@ def main(argv: list[str] | None = None) -> int:
         procs.start("gateway", gateway_cmd(gw_port, gw_args), env)
         procs.ready("gateway", f"{url}/readyz")
         pid = procs.procs["gateway"].pid
-        report = asyncio.run(soak(args, url, admin_key, pid))
+        try:
+            report = asyncio.run(soak(args, url, admin_key, pid))
+        except SoakError as exc:
+            print(f"soak: {exc} (logs: {work})", file=sys.stderr)
+            return 1
     text = json.dumps(report, indent=2)
     print(text)
     if args.out is not None:
